@@ -1,0 +1,33 @@
+"""How the SDK speaks one task: build the request, name the RPC, shape the response like transformers."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TaskCodec:
+    """One per task. Stateless: the sync and asyncio pipelines share it."""
+
+    #: Canonical task name and aliases, as transformers spells them.
+    task: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: The generated stub class and the RPC method name on it.
+    stub: ClassVar[Any] = None
+    method: ClassVar[str] = ""
+
+    def __init__(self, model: str | None, task_name: str):
+        self.model = model or ""
+        self.task_name = task_name
+
+    def build(self, inputs: Any, params: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def shape(self, response: Any, inputs: Any, params: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+
+def as_list(inputs: Any) -> tuple[list[Any], bool]:
+    """(inputs as a list, whether the caller passed a single input)."""
+    if isinstance(inputs, (list, tuple)):
+        return list(inputs), False
+    return [inputs], True

@@ -1,0 +1,44 @@
+"""pipeserve.v1.TextClassificationService over the data plane."""
+
+from __future__ import annotations
+
+from pipeserve.server.adapters.status import timeout_of, unary_rpc
+from pipeserve.server.dataplane import DataPlane
+from pipeserve.server.errors import InvalidArgument
+from pipeserve.v1 import text_classification_pb2 as pb
+from pipeserve.v1 import text_classification_pb2_grpc as pb_grpc
+
+TASK = "text-classification"
+
+_FUNCTIONS = {
+    pb.FUNCTION_TO_APPLY_UNSPECIFIED: None,
+    pb.FUNCTION_TO_APPLY_SOFTMAX: "softmax",
+    pb.FUNCTION_TO_APPLY_SIGMOID: "sigmoid",
+    pb.FUNCTION_TO_APPLY_NONE: "none",
+}
+
+
+class TextClassificationServicer(pb_grpc.TextClassificationServiceServicer):
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+
+    @unary_rpc(TASK)
+    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
+        inputs: list = list(request.inputs)
+        if request.text_pairs:
+            if len(request.text_pairs) != len(inputs):
+                raise InvalidArgument("text_pairs", f"has {len(request.text_pairs)} entries; it needs one per input ({len(inputs)})")
+            inputs = list(zip(inputs, request.text_pairs))
+        if request.function_to_apply not in _FUNCTIONS:
+            raise InvalidArgument("function_to_apply", f"unknown value {request.function_to_apply}")
+        params = {"function_to_apply": _FUNCTIONS[request.function_to_apply], "has_text_pairs": bool(request.text_pairs)}
+        if request.HasField("top_k"):
+            params["top_k"] = request.top_k
+        served, results = await self.plane.infer(
+            TASK, inputs, params, model=request.model, version=request.model_version, timeout=timeout_of(context)
+        )
+        return pb.ClassifyResponse(
+            results=[pb.Classification(labels=[pb.LabelScore(label=d["label"], score=d["score"]) for d in r]) for r in results],
+            model=served.name,
+            model_version=served.version,
+        )

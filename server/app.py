@@ -1,0 +1,125 @@
+"""Assembles the gRPC server: adapters, health, reflection, listeners, and the drain on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pipeserve.server.adapters import services
+from pipeserve.server.adapters.health import HealthReporter
+from pipeserve.server.dataplane import DataPlane
+from pipeserve.server.model_registry import ModelRegistry
+from pipeserve.server.repository.repository import ModelRepository
+from pipeserve.server.settings import ServerSettings
+
+log = logging.getLogger("pipeserve.server")
+
+
+class PipeserveServer:
+    """The running server. `await start()`, then `await stop()` (or run `serve()`)."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.registry = ModelRegistry(ModelRepository(settings.model_repository))
+        self.plane = DataPlane(self.registry)
+        self.services = services(self.plane, self.registry)
+        self.health = HealthReporter([s.full_name for s in self.services])
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self.ready = asyncio.Event()
+        self._stopped = False
+
+    def _server_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.settings.max_receive_message_bytes),
+            ("grpc.max_send_message_length", self.settings.max_send_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        from pipeserve.server.security import interceptors
+
+        return interceptors(self.settings)
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        from pipeserve.server.security import server_credentials
+
+        return server_credentials(self.settings)
+
+    async def start(self) -> None:
+        """Binds the listeners, reports NOT_SERVING, loads the models, then reports SERVING."""
+        self.server = grpc.aio.server(options=self._server_options(), interceptors=self._interceptors())
+        for service in self.services:
+            service.add_to_server(service.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
+        names = [s.full_name for s in self.services] + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                                        reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.server)
+        credentials = self._credentials()
+        if self.settings.port >= 0:
+            address = f"{self.settings.host}:{self.settings.port}"
+            if credentials is not None:
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        if self.settings.unix_socket:
+            Path(self.settings.unix_socket).unlink(missing_ok=True)
+            target = f"unix:{self.settings.unix_socket}"
+            if credentials is not None:
+                self.server.add_secure_port(target, credentials)
+            else:
+                self.server.add_insecure_port(target)
+        await self.health.starting()
+        await self.server.start()
+        log.info("listening on %s", ", ".join(self.addresses()))
+        await self.registry.load_all(self.settings.load_models or None)
+        await self.health.serving()
+        self.ready.set()
+        log.info("ready: %d model versions", len(self.registry.all_served()))
+
+    def addresses(self) -> list[str]:
+        found = []
+        if self.port is not None:
+            found.append(f"{self.settings.host}:{self.port}")
+        if self.settings.unix_socket:
+            found.append(f"unix:{self.settings.unix_socket}")
+        return found
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains: readiness goes NOT_SERVING first, new calls get UNAVAILABLE, calls in flight finish."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.settings.grace_period if grace is None else grace
+        log.info("draining (grace period %.1fs)", grace)
+        await self.health.draining()
+        self.plane.draining = True
+        if self.server is not None:
+            await self.server.stop(grace)
+        await self.registry.close()
+        log.info("stopped")
+
+
+async def serve(settings: ServerSettings) -> int:
+    """Runs the server until SIGTERM or SIGINT, then drains; returns the exit code."""
+    server = PipeserveServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(server.start())
+    stop_wait = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if starting in done and starting.exception() is not None:
+        raise starting.exception()  # type: ignore[misc]
+    await stop.wait()
+    if not starting.done():
+        starting.cancel()
+    await server.stop()
+    return 0

@@ -1,0 +1,54 @@
+"""The data plane: the one path every protocol adapter takes to run a task on a model.
+
+Adapters (typed task services, KServe v2) turn their messages into Python inputs and parameters
+and call `DataPlane.infer`; it resolves the model, validates, and hands the work to the model's
+scheduler. Like MLServer's DataPlane, it knows no protocol.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pipeserve.server.errors import InvalidArgument, ShuttingDown
+from pipeserve.server.model_registry import ModelRegistry
+from pipeserve.server.served_model import ServedModel
+
+# What the request log line reports about the model that answered (set per call).
+request_model: contextvars.ContextVar[str] = contextvars.ContextVar("request_model", default="")
+
+MAX_INPUTS_PER_REQUEST = 4096
+
+
+class DataPlane:
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
+        self.draining = False
+
+    async def infer(
+        self,
+        task: str,
+        inputs: Sequence[Any],
+        params: dict[str, Any],
+        *,
+        model: str = "",
+        version: int = 0,
+        timeout: float | None = None,
+        priority: int = 0,
+    ) -> tuple[ServedModel, list[Any]]:
+        """Runs `inputs` through `task` on the named (or default) model; one result per input."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        served = self.registry.resolve(task, model, version)
+        request_model.set(served.label)
+        if not inputs:
+            raise InvalidArgument("inputs", "must hold at least one input")
+        if len(inputs) > MAX_INPUTS_PER_REQUEST:
+            raise InvalidArgument("inputs", f"holds {len(inputs)} inputs; at most {MAX_INPUTS_PER_REQUEST} per request")
+        task_params = served.task.sanitize(params)
+        for i, item in enumerate(inputs):
+            served.task.check_input(i, item)
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        return served, await served.submit(inputs, task_params, deadline, priority)

@@ -1,0 +1,86 @@
+"""The error hierarchy: raised where a problem is known, mapped to a gRPC status in one place.
+
+Nothing below the adapters knows gRPC, so each error carries a plain code name
+(`grpc.StatusCode` member name) that `adapters.status` turns into the real status.
+"""
+
+from __future__ import annotations
+
+
+class PipeserveError(Exception):
+    """Base of every error a client may see. `code` names a grpc.StatusCode member."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(PipeserveError):
+    """A request field is wrong; the message names the field and what is allowed."""
+
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, why: str):
+        super().__init__(f"{field}: {why}")
+        self.field = field
+
+
+class ModelNotFound(PipeserveError):
+    code = "NOT_FOUND"
+
+
+class WrongTask(PipeserveError):
+    """The model exists but serves another task."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class ModelNotReady(PipeserveError):
+    code = "UNAVAILABLE"
+
+
+class Overloaded(PipeserveError):
+    """A queue is full; the client should back off and retry."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(PipeserveError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(PipeserveError):
+    code = "CANCELLED"
+
+
+class BackendUnavailable(PipeserveError):
+    """A backend cannot run work now (a remote server is down); retrying later may work."""
+
+    code = "UNAVAILABLE"
+
+
+class ShuttingDown(PipeserveError):
+    code = "UNAVAILABLE"
+
+
+class Unimplemented(PipeserveError):
+    code = "UNIMPLEMENTED"
+
+
+class ConfigError(PipeserveError):
+    """A model's config.pbtxt is wrong: names the file, the field and what is allowed."""
+
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, path: object, field: str, why: str):
+        super().__init__(f"{path}: {field}: {why}")
+        self.path = path
+        self.field = field
+
+
+class BackendError(PipeserveError):
+    """A backend failed while running a batch; only that batch's requests see it."""
+
+    code = "INTERNAL"

@@ -1,0 +1,95 @@
+"""The model repository: a Triton-style folder of models.
+
+    <repository>/<model>/config.pbtxt
+    <repository>/<model>/<files>              one unversioned model (served as version 1), or
+    <repository>/<model>/<version>/<files>    numbered versions, picked by the config's version_policy
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeserve.server.errors import ConfigError, ModelNotFound
+from pipeserve.server.repository.config import CONFIG_FILE, is_valid_model_name, parse_model_config
+from pipeserve.v1.model_config_pb2 import ModelConfig
+
+
+@dataclass(frozen=True)
+class ModelVersionSource:
+    """Where one version of a model lives: its folder and what to load from it."""
+
+    name: str
+    version: int
+    folder: Path
+    config_path: Path
+    # A local folder with weights and tokenizer, or None when the model comes from a hub id.
+    local_path: Path | None
+    hub_id: str
+    revision: str
+
+
+class ModelRepository:
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+
+    def model_names(self) -> list[str]:
+        """Folders holding a config.pbtxt, sorted; other folders are ignored."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file() and is_valid_model_name(p.name)
+        )
+
+    def model_folder(self, name: str) -> Path:
+        """The folder of a model; names that could leave the repository are refused."""
+        if not is_valid_model_name(name):
+            raise ModelNotFound(f"model name {name!r} is not valid (letters, digits, '_', '.', '-')")
+        folder = (self.root / name).resolve()
+        if folder.parent != self.root or not (folder / CONFIG_FILE).is_file():
+            raise ModelNotFound(f"model {name!r} is not in the repository; it has: {', '.join(self.model_names()) or 'none'}")
+        return folder
+
+    def read_config(self, name: str) -> tuple[ModelConfig, Path]:
+        path = self.model_folder(name) / CONFIG_FILE
+        return parse_model_config(path), path
+
+    def version_sources(self, name: str, config: ModelConfig, config_path: Path) -> list[ModelVersionSource]:
+        """The versions the config's policy selects, oldest first."""
+        folder = self.model_folder(name)
+        found = sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+        if not found:
+            versions = {1: folder}
+        else:
+            policy = config.version_policy
+            kind = policy.WhichOneof("policy")
+            if kind == "all":
+                chosen = found
+            elif kind == "specific":
+                missing = [v for v in policy.specific.versions if v not in found]
+                if missing:
+                    raise ConfigError(config_path, "version_policy.specific.versions", f"versions {missing} have no folder; found {found}")
+                chosen = sorted(policy.specific.versions)
+            else:
+                keep = policy.latest.num_versions if kind == "latest" and policy.latest.num_versions else 1
+                chosen = found[-keep:]
+            versions = {v: folder / str(v) for v in chosen}
+        return [self._source(name, v, f, config, config_path) for v, f in sorted(versions.items())]
+
+    def _source(self, name: str, version: int, folder: Path, config: ModelConfig, config_path: Path) -> ModelVersionSource:
+        local: Path | None = None
+        if not config.source.hub_id:
+            local = (folder / config.source.path).resolve() if config.source.path else folder
+            if not Path(config.source.path).is_absolute() and not local.is_relative_to(self.root):
+                raise ConfigError(config_path, "source.path", "must stay inside the repository")
+            if not local.is_dir():
+                raise ConfigError(config_path, "source.path", f"folder {local} does not exist")
+        return ModelVersionSource(
+            name=name,
+            version=version,
+            folder=folder,
+            config_path=config_path,
+            local_path=local,
+            hub_id=config.source.hub_id,
+            revision=config.source.revision,
+        )

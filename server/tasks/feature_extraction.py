@@ -1,0 +1,59 @@
+"""feature-extraction: token-level hidden states as transformers returns them, or pooled vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeserve.server.errors import InvalidArgument
+from pipeserve.server.tasks.base import TaskParams, TokenizingTask
+
+POOLINGS = ("none", "mean", "cls", "max")
+
+
+@dataclass(frozen=True)
+class EmbeddingPost:
+    pooling: str
+    normalize: bool
+
+
+class FeatureExtractionTask(TokenizingTask):
+    name = "feature-extraction"
+    model_class = "AutoModel"
+    output_names = ("last_hidden_state",)
+
+    def sanitize(self, params: dict[str, Any]) -> TaskParams:
+        params = self.with_defaults(params)
+        pooling = params.get("pooling") or "none"
+        if pooling not in POOLINGS:
+            raise InvalidArgument("pooling", f"must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        normalize = params.get("normalize", False)
+        if not isinstance(normalize, bool):
+            raise InvalidArgument("normalize", "must be a boolean")
+        return TaskParams(post=EmbeddingPost(pooling, normalize))
+
+    def preprocess(self, inputs: Sequence[str], pre: Hashable) -> Any:
+        return self.tokenize(inputs)
+
+    def postprocess(self, inputs, features, outputs, posts: Sequence[EmbeddingPost]) -> list[torch.Tensor]:
+        hidden = outputs["last_hidden_state"].float()
+        mask = features["attention_mask"]
+        results = []
+        for i, post in enumerate(posts):
+            # Cut each row back to its own tokens: padding is an artefact of batching.
+            tokens = hidden[i][mask[i].bool()]
+            if post.pooling == "mean":
+                vector = tokens.mean(dim=0)
+            elif post.pooling == "cls":
+                vector = tokens[0]
+            elif post.pooling == "max":
+                vector = tokens.max(dim=0).values
+            else:
+                vector = tokens
+            if post.normalize:
+                vector = torch.nn.functional.normalize(vector, p=2, dim=-1)
+            results.append(vector.contiguous())
+        return results

@@ -1,0 +1,99 @@
+"""text-classification (alias sentiment-analysis), with transformers' scoring and output rules."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeserve.server.errors import InvalidArgument
+from pipeserve.server.tasks.base import TaskParams, TokenizingTask, check_int
+
+FUNCTIONS = ("default", "softmax", "sigmoid", "none")
+
+
+@dataclass(frozen=True)
+class ClassificationPost:
+    function: str  # softmax | sigmoid | none
+    top_k: int | None  # None: every label
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    shifted = np.exp(x - x.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+class TextClassificationTask(TokenizingTask):
+    name = "text-classification"
+    aliases = ("sentiment-analysis",)
+    model_class = "AutoModelForSequenceClassification"
+    output_names = ("logits",)
+
+    def __init__(self, context):
+        super().__init__(context)
+        hf = context.hf_config
+        labels = list(self.config.parameters.labels)
+        if not labels:
+            id2label = getattr(hf, "id2label", None) or {}
+            labels = [id2label[i] for i in sorted(id2label)]
+        self.labels = labels
+        num_labels = getattr(hf, "num_labels", len(labels))
+        problem = getattr(hf, "problem_type", None)
+        # The same default as transformers' pipeline: regression gets raw scores, one label or
+        # multi-label problems a sigmoid, and the rest a softmax.
+        if problem == "regression":
+            self.default_function = "none"
+        elif problem == "multi_label_classification" or num_labels == 1:
+            self.default_function = "sigmoid"
+        else:
+            self.default_function = "softmax"
+
+    def sanitize(self, params: dict[str, Any]) -> TaskParams:
+        params = self.with_defaults(params)
+        function = params.get("function_to_apply") or "default"
+        if function not in FUNCTIONS:
+            raise InvalidArgument("function_to_apply", f"must be one of {', '.join(FUNCTIONS)}, got {function!r}")
+        if function == "default":
+            function = self.default_function
+        top_k = params.get("top_k", 1)
+        if top_k is not None:
+            top_k = check_int("top_k", top_k, 0) or None  # 0 means every label, as None does
+        has_pairs = bool(params.get("has_text_pairs"))
+        return TaskParams(pre=has_pairs, post=ClassificationPost(function, top_k))
+
+    def size(self, item: Any) -> int:
+        return len(item[0]) + len(item[1] or "") if isinstance(item, tuple) else len(item)
+
+    def check_input(self, index: int, item: Any) -> None:
+        text = item[0] if isinstance(item, tuple) else item
+        if not isinstance(text, str):
+            raise InvalidArgument(f"inputs[{index}]", "must be a string")
+
+    def preprocess(self, inputs: Sequence[Any], pre: Hashable) -> Any:
+        if pre:  # sentence pairs
+            return self.tokenize([t for t, _ in inputs], [p for _, p in inputs])
+        return self.tokenize(inputs)
+
+    def postprocess(self, inputs, features, outputs, posts: Sequence[ClassificationPost]) -> list[Any]:
+        logits = outputs["logits"].float().numpy()
+        return [self._scores(row, post) for row, post in zip(logits, posts)]
+
+    def _scores(self, logits: np.ndarray, post: ClassificationPost) -> list[dict[str, Any]]:
+        if post.function == "softmax":
+            scores = softmax(logits)
+        elif post.function == "sigmoid":
+            scores = sigmoid(logits)
+        else:
+            scores = logits
+        ranked = sorted(
+            ({"label": self.labels[i], "score": float(s)} for i, s in enumerate(scores)),
+            key=lambda d: d["score"],
+            reverse=True,
+        )
+        return ranked if post.top_k is None else ranked[: post.top_k]
