@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pipeserve.server import listeners
 from pipeserve.server.adapters import services
 from pipeserve.server.adapters.health import HealthReporter
 from pipeserve.server.dataplane import DataPlane
@@ -32,6 +32,9 @@ class PipeserveServer:
         self.health = HealthReporter([s.full_name for s in self.services])
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        # The plaintext health-only listener (settings.health_port), when configured.
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
         self.ready = asyncio.Event()
         self._stopped = False
 
@@ -61,22 +64,14 @@ class PipeserveServer:
         names = [s.full_name for s in self.services] + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                                         reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.server)
-        credentials = self._credentials()
-        if self.settings.port >= 0:
-            address = f"{self.settings.host}:{self.settings.port}"
-            if credentials is not None:
-                self.port = self.server.add_secure_port(address, credentials)
-            else:
-                self.port = self.server.add_insecure_port(address)
-        if self.settings.unix_socket:
-            Path(self.settings.unix_socket).unlink(missing_ok=True)
-            target = f"unix:{self.settings.unix_socket}"
-            if credentials is not None:
-                self.server.add_secure_port(target, credentials)
-            else:
-                self.server.add_insecure_port(target)
+        self.port = listeners.bind_tcp(self.server, self.settings, self._credentials())
+        listeners.bind_unix_socket(self.server, self.settings)
         await self.health.starting()
         await self.server.start()
+        listeners.apply_unix_socket_mode(self.settings)
+        health_listener = await listeners.start_health_listener(self.settings, self.health.servicer)
+        if health_listener is not None:
+            self.health_server, self.health_port = health_listener
         log.info("listening on %s", ", ".join(self.addresses()))
         await self.registry.load_all(self.settings.load_models or None)
         await self.health.serving()
@@ -89,6 +84,8 @@ class PipeserveServer:
             found.append(f"{self.settings.host}:{self.port}")
         if self.settings.unix_socket:
             found.append(f"unix:{self.settings.unix_socket}")
+        if self.health_port is not None:
+            found.append(f"{self.settings.host}:{self.health_port} (health only)")
         return found
 
     async def stop(self, grace: float | None = None) -> None:
@@ -99,9 +96,14 @@ class PipeserveServer:
         grace = self.settings.grace_period if grace is None else grace
         log.info("draining (grace period %.1fs)", grace)
         await self.health.draining()
-        self.plane.draining = True
+        # Refuse new calls with UNAVAILABLE while health still answers NOT_SERVING, and give
+        # the calls in flight the grace period; then close the listeners.
+        if not await self.plane.gate.drain(grace):
+            log.warning("grace period over with %d calls in flight; cancelling them", self.plane.gate.in_flight)
         if self.server is not None:
-            await self.server.stop(grace)
+            await self.server.stop(1.0)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.registry.close()
         log.info("stopped")
 

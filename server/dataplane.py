@@ -7,6 +7,7 @@ scheduler. Like MLServer's DataPlane, it knows no protocol.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import time
 from collections.abc import Sequence
@@ -22,10 +23,40 @@ request_model: contextvars.ContextVar[str] = contextvars.ContextVar("request_mod
 MAX_INPUTS_PER_REQUEST = 4096
 
 
+class CallGate:
+    """Counts calls in flight and refuses new ones once draining starts (SIGTERM)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        self.in_flight += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuses new calls, waits for those in flight; False if the timeout came first."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
 class DataPlane:
     def __init__(self, registry: ModelRegistry):
         self.registry = registry
-        self.draining = False
+        self.gate = CallGate()
 
     async def infer(
         self,
@@ -39,8 +70,6 @@ class DataPlane:
         priority: int = 0,
     ) -> tuple[ServedModel, list[Any]]:
         """Runs `inputs` through `task` on the named (or default) model; one result per input."""
-        if self.draining:
-            raise ShuttingDown("the server is shutting down; retry on another replica")
         served = self.registry.resolve(task, model, version)
         request_model.set(served.label)
         if not inputs:

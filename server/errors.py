@@ -25,6 +25,14 @@ class InvalidArgument(PipeserveError):
     def __init__(self, field: str, why: str):
         super().__init__(f"{field}: {why}")
         self.field = field
+        self.why = why
+
+    def for_input(self, index: int) -> InvalidArgument:
+        """Re-labels an error a task raised about one batched input ("input...") with its index
+        in the client's request ("inputs[3]..."), since batches mix inputs of many requests."""
+        if self.field == "input" or self.field.startswith(("input.", "input[")):
+            return InvalidArgument(f"inputs[{index}]{self.field[len('input'):]}", self.why)
+        return self
 
 
 class ModelNotFound(PipeserveError):
@@ -39,6 +47,12 @@ class WrongTask(PipeserveError):
 
 class ModelNotReady(PipeserveError):
     code = "UNAVAILABLE"
+
+
+class ModelControlDisabled(PipeserveError):
+    """Load and unload requests while the server runs with --model-control-mode none."""
+
+    code = "FAILED_PRECONDITION"
 
 
 class Overloaded(PipeserveError):

@@ -10,6 +10,7 @@ from typing import Any
 
 from pipeserve.backends.base import ModelSpec
 from pipeserve.backends.registry import create_backend
+from pipeserve.server.errors import InvalidArgument
 from pipeserve.server.repository.repository import ModelVersionSource
 from pipeserve.server.scheduling.batcher import DynamicBatcher
 from pipeserve.server.scheduling.instances import InstanceGroup, ModelInstance, cpu_threads_per_instance, plan_devices
@@ -123,16 +124,24 @@ class ServedModel:
         self.stats.in_flight += 1
         try:
             results = await asyncio.gather(*(it.future for it in items))
+        except InvalidArgument as exc:
+            self._abandon(items)
+            index = next(i for i, it in enumerate(items) if it.future.done() and not it.future.cancelled()
+                         and it.future.exception() is exc)
+            raise exc.for_input(index) from None
         except BaseException:
-            # One failed or the call was cancelled: the rest leave the queue now.
-            for it in items:
-                it.future.cancel()
-            self.stats.failure += 1
+            self._abandon(items)
             raise
         finally:
             self.stats.in_flight -= 1
         self.stats.success += 1
         return results
+
+    def _abandon(self, items: list[WorkItem]) -> None:
+        """One input failed or the call was cancelled: the rest leave the queue now."""
+        for it in items:
+            it.future.cancel()
+        self.stats.failure += 1
 
     def ready(self) -> bool:
         return self.group.any_ready()

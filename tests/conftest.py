@@ -26,7 +26,7 @@ def model_repository() -> Path:
     return REPOSITORY
 
 
-def test_settings(repository: Path, **overrides) -> ServerSettings:
+def server_settings(repository: Path, **overrides) -> ServerSettings:
     settings = ServerSettings(model_repository=repository, host="127.0.0.1", port=0, metrics_port=-1, grace_period=5)
     for key, value in overrides.items():
         setattr(settings, key, value)
@@ -36,7 +36,7 @@ def test_settings(repository: Path, **overrides) -> ServerSettings:
 @pytest.fixture(scope="session")
 def server(model_repository: Path):
     """The real server with every default model, shared by the tests of a session."""
-    running = ServerThread(test_settings(model_repository)).start()
+    running = ServerThread(server_settings(model_repository)).start()
     yield running
     running.stop()
 

@@ -32,6 +32,6 @@ def services(plane: DataPlane, registry: ModelRegistry) -> list[Service]:
                 text_classification_pb2_grpc.add_TextClassificationServiceServicer_to_server),
         Service("pipeserve.v1.FeatureExtractionService", FeatureExtractionServicer(plane),
                 feature_extraction_pb2_grpc.add_FeatureExtractionServiceServicer_to_server),
-        Service("pipeserve.v1.ModelService", ModelServicer(registry),
+        Service("pipeserve.v1.ModelService", ModelServicer(plane),
                 model_service_pb2_grpc.add_ModelServiceServicer_to_server),
     ]

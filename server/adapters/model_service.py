@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeserve.server.adapters.status import unary_rpc
+from pipeserve.server.dataplane import DataPlane
 from pipeserve.server.model_registry import ModelRegistry, ModelStatus
 from pipeserve.server.scheduling.stats import ModelStats
 from pipeserve.v1 import model_service_pb2 as pb
@@ -41,8 +42,9 @@ def statistics(name: str, version: int, stats: ModelStats) -> pb.ModelStatistics
 
 
 class ModelServicer(pb_grpc.ModelServiceServicer):
-    def __init__(self, registry: ModelRegistry):
-        self.registry = registry
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+        self.registry = plane.registry
 
     @unary_rpc()
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:

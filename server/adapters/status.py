@@ -1,4 +1,8 @@
-"""Maps pipeserve errors to gRPC status codes, in one place, and logs one line per request."""
+"""Maps pipeserve errors to gRPC status codes, in one place, and logs one line per request.
+
+Every servicer method is wrapped by `unary_rpc` or `stream_rpc`; the servicer must have a `plane`
+(the DataPlane), whose gate refuses calls once the server drains and counts those in flight.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +50,12 @@ def unary_rpc(task: str = "") -> Callable:
             started = time.perf_counter()
             request_model.set("")
             code = "OK"
+            gate = self.plane.gate
+            try:
+                gate.enter()
+            except PipeserveError as exc:
+                _log_line(rpc, task, exc.code, started)
+                await context.abort(status_code(exc), exc.message)
             try:
                 return await method(self, request, context)
             except PipeserveError as exc:
@@ -62,6 +72,7 @@ def unary_rpc(task: str = "") -> Callable:
                 log.exception("rpc %s failed", rpc)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
             finally:
+                gate.exit()
                 _log_line(rpc, task, code, started)
 
         return wrapper
@@ -80,6 +91,12 @@ def stream_rpc(task: str = "") -> Callable:
             started = time.perf_counter()
             request_model.set("")
             code = "OK"
+            gate = self.plane.gate
+            try:
+                gate.enter()
+            except PipeserveError as exc:
+                _log_line(rpc, task, exc.code, started)
+                await context.abort(status_code(exc), exc.message)
             try:
                 async for message in method(self, request, context):
                     yield message
@@ -96,6 +113,7 @@ def stream_rpc(task: str = "") -> Callable:
                 log.exception("rpc %s failed", rpc)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
             finally:
+                gate.exit()
                 _log_line(rpc, task, code, started)
 
         return wrapper

@@ -90,6 +90,8 @@ class Task:
         return len(item) if isinstance(item, (str, bytes)) else 1
 
     def preprocess(self, inputs: Sequence[Any], pre: Hashable) -> Any:
+        """Turns a batch of inputs into model inputs. An error about one input raises
+        InvalidArgument("input", why) (or "input.<field>"): the server adds the input's index."""
         raise NotImplementedError
 
     def forward(self, features: Any, fwd: Hashable, instance: Instance) -> Any:
@@ -165,10 +167,10 @@ class TokenizingTask(Task):
         if self.reject_overlong:
             lengths = self.tokenizer(list(texts), list(text_pairs) if text_pairs else None, truncation=False,
                                      return_length=True, **kwargs)["length"]
-            for i, n in enumerate(lengths):
+            for n in lengths:
                 if n > self.max_length:
                     raise InvalidArgument(
-                        f"inputs[{i}]", f"has {n} tokens but the model accepts at most {self.max_length} "
+                        "input", f"has {n} tokens but the model accepts at most {self.max_length} "
                         "(this model's config sets truncation: TRUNCATION_REJECT); shorten the input")
         return self.tokenizer(
             list(texts), list(text_pairs) if text_pairs else None,
