@@ -188,12 +188,23 @@ def _check_weights(folder: Path) -> None:
         raise RuntimeError(f"{folder}: no .safetensors weights written")
 
 
+# Keys that transformers copies into tokenizer_config.json from how the tokenizer was loaded
+# (a local folder) or from the source tokenizer.json's training-time truncation / padding (the
+# package's pins max_length 128): not a property of the model, and misleading to a reader.
+_LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only", "max_length", "stride",
+                             "truncation_strategy", "pad_to_multiple_of")
+
+
 def _save(folder: Path, model: Any, *preprocessors: Any) -> None:
     # transformers 5 writes safetensors only (save_pretrained lost its safe_serialization switch);
     # _check_weights verifies it after every build.
     model.eval()
     model.save_pretrained(folder)
     for preprocessor in preprocessors:
+        init_kwargs = getattr(preprocessor, "init_kwargs", None)
+        if isinstance(init_kwargs, dict):
+            for key in _LOAD_TIME_TOKENIZER_KEYS:
+                init_kwargs.pop(key, None)
         preprocessor.save_pretrained(folder)
 
 
@@ -275,7 +286,8 @@ def _english_corpus() -> tuple[str, ...]:
     rng = random.Random(SEED)
     lines: list[str] = []
     for i in range(600):
-        sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_ENDINGS)}"
+        parts = (rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS), rng.choice(_ENDINGS))
+        sentence = " ".join(parts)
         sentence = sentence[0].upper() + sentence[1:] + rng.choice((".", ".", ".", "!", "?"))
         lines.append(sentence)
         if i % 10 == 0:
@@ -336,7 +348,9 @@ def _clear_fixed_truncation_and_padding(tokenizer: Any) -> None:
 
 
 @lru_cache(maxsize=None)
-def _train_byte_level_bpe(special_tokens: tuple[str, ...], vocab_size: int) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+def _train_byte_level_bpe(
+    special_tokens: tuple[str, ...], vocab_size: int
+) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     """Trains a GPT-2-style byte-level BPE on the generated corpus; returns (vocab, merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -363,20 +377,20 @@ def _gpt2_tokenizer(model_max_length: int = 512) -> Any:
     from transformers import GPT2TokenizerFast
 
     vocab, merges = _train_byte_level_bpe((GPT2_EOS,), 1500)
-    tokenizer = GPT2TokenizerFast(
+    return GPT2TokenizerFast(
         vocab=dict(vocab),
         merges=list(merges),
         unk_token=GPT2_EOS,
         bos_token=GPT2_EOS,
         eos_token=GPT2_EOS,
+        # GPT-2 has no pad token; padding with <|endoftext|> on the left is what batched
+        # generation with a decoder-only model needs (the attention mask hides the pads). Passed
+        # to the constructor so that tokenizer_config.json keeps them.
+        pad_token=GPT2_EOS,
+        padding_side="left",
         add_prefix_space=False,
         model_max_length=model_max_length,
     )
-    # GPT-2 has no pad token; padding with <|endoftext|> on the left is what batched generation
-    # with a decoder-only model needs (the attention mask hides the pads).
-    tokenizer.pad_token = GPT2_EOS
-    tokenizer.padding_side = "left"
-    return tokenizer
 
 
 def _bart_tokenizer(model_max_length: int = 512) -> Any:
@@ -505,7 +519,8 @@ def _make_minilm(folder: Path) -> None:
     _save(folder, model, tokenizer)
     # sentence-transformers' own description of the model (mean pooling, L2 normalisation,
     # max_seq_length 256): small JSON files that tell a reader how the embeddings are meant.
-    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "README.md"):
+    st_files = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "README.md")
+    for name in st_files:
         if (source / name).is_file():
             shutil.copyfile(source / name, folder / name)
     if (source / "1_Pooling" / "config.json").is_file():
@@ -539,6 +554,23 @@ def _make_gpt2(folder: Path) -> None:
     _gpt2_files(folder, n_embd=64, n_layer=2, n_head=4)
 
 
+def _mute_output_rows(model: Any, token_ids: Iterable[int]) -> None:
+    """Zeroes the LM-head rows of tokens that a trained model does not put in its output
+    (padding, unknown, sentinels, ...).
+
+    With random weights, greedy decoding otherwise settles on one of them (the decoder start
+    token, <pad> for T5, is a fixed point) and the text decodes to empty. A zero row gives a zero
+    logit while the other tokens' logits spread around it, so these tokens practically never
+    win; eos is left alone. Where the head is tied to the input embeddings (T5: transformers 5
+    always ties it), the same rows of the input embeddings become zero too, which only matters
+    for these special tokens.
+    """
+    import torch
+
+    with torch.no_grad():
+        model.get_output_embeddings().weight[sorted(set(token_ids))] = 0.0
+
+
 def _make_bart(folder: Path) -> None:
     from transformers import BartConfig, BartForConditionalGeneration, GenerationConfig
 
@@ -565,6 +597,8 @@ def _make_bart(folder: Path) -> None:
         tie_word_embeddings=False,
     )
     model = BartForConditionalGeneration(config)
+    # <s> is forced at the first step anyway; <pad>, <unk> and <mask> never belong in a summary.
+    _mute_output_rows(model, [bos, pad, tokenizer.unk_token_id, tokenizer.mask_token_id])
     model.generation_config = GenerationConfig(
         bos_token_id=bos,
         pad_token_id=pad,
@@ -596,9 +630,6 @@ def _make_t5(folder: Path) -> None:
         feed_forward_proj="relu",
         pad_token_id=pad,
         eos_token_id=eos,
-        # Untied LM head, as T5 v1.1 / flan-t5 have it: with random weights a tied head repeats
-        # the decoder start token (<pad>) forever and the translation would be empty.
-        tie_word_embeddings=False,
     )
     config.decoder_start_token_id = pad  # T5 starts decoding with <pad>
     # The T5 convention for telling the model the task: a text prefix, per task.
@@ -606,6 +637,8 @@ def _make_t5(folder: Path) -> None:
         "translation_en_to_fr": {"prefix": TRANSLATION_PREFIX, "max_length": 64, "num_beams": 1},
     }
     model = T5ForConditionalGeneration(config)
+    sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(100)])
+    _mute_output_rows(model, [pad, tokenizer.unk_token_id, *sentinels])
     model.generation_config = GenerationConfig(
         pad_token_id=pad,
         eos_token_id=eos,
@@ -679,7 +712,9 @@ def build_gpt2_small(folder: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _spec(name: str, task: str, description: str, make_files: Callable[[Path], None], **config: Any) -> ModelSpec:
+def _spec(
+    name: str, task: str, description: str, make_files: Callable[[Path], None], **config: Any
+) -> ModelSpec:
     return ModelSpec(name, task, description, make_files, _serving_config(name, task, **config))
 
 
@@ -850,7 +885,8 @@ def build_default_repository(
       given too). An unknown name raises ValueError before anything is built.
     force: rebuild models whose folder already has config.pbtxt (otherwise they are skipped).
     progress: called as progress(name, index, total) before each model that is built, with
-      index counting from 1 and total the number of models to build (skipped ones not counted).
+      index counting from 0 (as enumerate does; show index + 1) and total the number of models
+      to build (skipped ones not counted).
 
     A model folder that exists without config.pbtxt and is not empty is not ours to overwrite:
     FileExistsError, unless force.
@@ -870,7 +906,7 @@ def build_default_repository(
             )
 
     built: list[str] = []
-    for index, spec in enumerate(todo, start=1):
+    for index, spec in enumerate(todo):
         if progress is not None:
             progress(spec.name, index, len(todo))
         if _build_one(spec, repo, force):
