@@ -15,7 +15,7 @@ party adds one from its own package without touching the server:
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,41 @@ class ModelSpec:
     output_names: tuple[str, ...] = ()
 
 
+class InstanceDead(Exception):
+    """Raised by `Instance.run` (or `generate`) when the instance can no longer run anything: its
+    worker process died, its remote session is gone for good, its device context is poisoned.
+
+    The server fails the batch that was running with UNAVAILABLE, closes the instance and loads a
+    new one in its place on the same device (`Backend.load` again). An ordinary exception fails
+    only its batch (INTERNAL) and the instance keeps serving; a transient outage is `ready()`
+    returning False, which holds work back without a restart.
+    """
+
+
+class DecoderState(abc.ABC):
+    """The keys and values of the sequences one instance decodes together: row i is sequence i.
+
+    Made by `Instance.prefill`, grown by `Instance.decode`, and owned by the instance that made it
+    (touched only from its worker thread). The generation engine never looks inside: it merges
+    the state of newly prefilled sequences into its running batch (`extend`) and drops the rows of
+    finished or cancelled ones (`release`), so a backend keeps whatever layout suits its device.
+    """
+
+    @property
+    @abc.abstractmethod
+    def rows(self) -> int:
+        """Sequences held."""
+
+    @abc.abstractmethod
+    def extend(self, other: DecoderState) -> None:
+        """Appends `other`'s rows after this state's rows, in order; `other` is used up."""
+
+    @abc.abstractmethod
+    def release(self, rows: Sequence[int]) -> list[int]:
+        """Drops `rows` and frees their room. Returns the new row order: entry i is the old index
+        of the row now at i (a backend may move rows to fill the holes instead of shifting all)."""
+
+
 class Instance(abc.ABC):
     """One copy of a model on one device. Called from one worker thread at a time."""
 
@@ -61,6 +96,24 @@ class Instance(abc.ABC):
     @property
     def supports_generate(self) -> bool:
         return type(self).generate is not Instance.generate
+
+    # Step-wise decoding for continuous batching (decoder-only models). Optional: a backend
+    # without it cannot serve text-generation, and the model fails to load with a config error.
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
+        """Runs whole prompts (token ids, at least one each, any lengths). Returns the logits at
+        each prompt's last position [len(prompts), vocab] (float32, CPU) and a new state that holds
+        the prompts' keys and values, one row per prompt in order."""
+        raise NotImplementedError(f"{type(self).__name__} does not support step-wise decoding")
+
+    def decode(self, state: DecoderState, tokens: torch.Tensor) -> torch.Tensor:
+        """One step for every row of `state`: `tokens` [rows] (int64, CPU) holds each row's newest
+        token. Returns the next-token logits [rows, vocab] (float32, CPU); each row grows by one."""
+        raise NotImplementedError(f"{type(self).__name__} does not support step-wise decoding")
+
+    @property
+    def supports_decoding(self) -> bool:
+        return type(self).decode is not Instance.decode
 
     def ready(self) -> bool:
         """False while the instance cannot run work (a remote server is down)."""

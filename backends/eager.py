@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
-from pipeserve.backends.base import Backend, Instance, ModelSpec
+from pipeserve.backends.base import Backend, DecoderState, Instance, ModelSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -17,6 +19,8 @@ class EagerInstance(Instance):
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.model = model
         self.device = device
+        # Step-wise decoding (text-generation), made on first use.
+        self._decoding: Any = None
         # Each GPU instance queues its work on its own stream so that instances sharing a GPU overlap.
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -39,10 +43,41 @@ class EagerInstance(Instance):
         with torch.inference_mode(), self._on_stream():
             return self.model.generate(**self._to_device(inputs), **kwargs).cpu()
 
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
+        with torch.inference_mode(), self._on_stream():
+            return self._stepper().prefill(prompts, self.device)
+
+    def decode(self, state: DecoderState, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), self._on_stream():
+            return self._stepper().decode(state, tokens, self.device)
+
+    def _stepper(self) -> Any:
+        if self._decoding is None:
+            from pipeserve.backends.decoding import CausalLMStepper
+
+            self._decoding = CausalLMStepper(self.model)
+        return self._decoding
+
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+# Files that hold weights as a pickle (torch.save); a pickle can run any code when it is read.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def refuse_pickled_weights(folder: Path) -> None:
+    """Says clearly why a folder whose only weights are pickles does not load."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise ValueError(
+            f"{folder} holds weights only as pickle files ({', '.join(pickled)}); pipeserve loads local weights "
+            "from safetensors only and never unpickles a file from the repository: convert them to "
+            "model.safetensors (e.g. save_pretrained with safetensors) and remove the pickles")
 
 
 class EagerBackend(Backend):
@@ -63,6 +98,9 @@ class EagerBackend(Backend):
             kwargs["revision"] = spec.revision
         if spec.local_path is not None:
             # Local weights load only from safetensors: never unpickle a file from the repository.
+            # (Hub weights go through transformers' torch.load(weights_only=True) where no
+            # safetensors exist.)
+            refuse_pickled_weights(spec.local_path)
             kwargs["use_safetensors"] = True
         model = model_class.from_pretrained(source, **kwargs)
         model.to(device).eval()

@@ -14,11 +14,16 @@ from pipeserve.server import listeners
 from pipeserve.server.adapters import services
 from pipeserve.server.adapters.health import HealthReporter
 from pipeserve.server.dataplane import DataPlane
+from pipeserve.server.metrics import MetricsExporter
+from pipeserve.server.model_control import RepositoryPoller
 from pipeserve.server.model_registry import ModelRegistry
 from pipeserve.server.repository.repository import ModelRepository
 from pipeserve.server.settings import ServerSettings
 
 log = logging.getLogger("pipeserve.server")
+
+# Calls gRPC holds before the server picks them up; past it, gRPC core cancels arrivals at random.
+PENDING_CALLS_LIMIT = 10_000
 
 
 class PipeserveServer:
@@ -26,7 +31,10 @@ class PipeserveServer:
 
     def __init__(self, settings: ServerSettings):
         self.settings = settings
-        self.registry = ModelRegistry(ModelRepository(settings.model_repository))
+        self.registry = ModelRegistry(ModelRepository(settings.model_repository), settings.model_control_mode)
+        self.metrics = MetricsExporter(self.registry, settings.metrics_host, settings.metrics_port)
+        self.poller = (RepositoryPoller(self.registry, settings.repository_poll_seconds)
+                       if settings.model_control_mode == "poll" else None)
         self.plane = DataPlane(self.registry)
         self.services = services(self.plane, self.registry)
         self.health = HealthReporter([s.full_name for s in self.services])
@@ -42,13 +50,20 @@ class PipeserveServer:
         return [
             ("grpc.max_receive_message_length", self.settings.max_receive_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_send_message_bytes),
+            # gRPC core cancels calls waiting for the server to pick them up (status CANCELLED, as
+            # if the client had) once more than 1,000 wait: a burst of a few thousand calls would
+            # lose some. Let more wait; the models' queues refuse overload with RESOURCE_EXHAUSTED.
+            ("grpc.server.max_pending_requests", PENDING_CALLS_LIMIT),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS_LIMIT),
             ("grpc.so_reuseport", 0),
         ]
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        from pipeserve.server.adapters.request_decoding import RequestDecodingInterceptor
         from pipeserve.server.security import interceptors
 
-        return interceptors(self.settings)
+        # The token check first, so that an unauthenticated caller learns nothing about messages.
+        return [*interceptors(self.settings), RequestDecodingInterceptor()]
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         from pipeserve.server.security import server_credentials
@@ -66,6 +81,7 @@ class PipeserveServer:
         reflection.enable_server_reflection(names, self.server)
         self.port = listeners.bind_tcp(self.server, self.settings, self._credentials())
         listeners.bind_unix_socket(self.server, self.settings)
+        self.metrics.start()
         await self.health.starting()
         await self.server.start()
         listeners.apply_unix_socket_mode(self.settings)
@@ -74,6 +90,8 @@ class PipeserveServer:
             self.health_server, self.health_port = health_listener
         log.info("listening on %s", ", ".join(self.addresses()))
         await self.registry.load_all(self.settings.load_models or None)
+        if self.poller is not None:
+            await self.poller.start()
         await self.health.serving()
         self.ready.set()
         log.info("ready: %d model versions", len(self.registry.all_served()))
@@ -96,6 +114,8 @@ class PipeserveServer:
         grace = self.settings.grace_period if grace is None else grace
         log.info("draining (grace period %.1fs)", grace)
         await self.health.draining()
+        if self.poller is not None:
+            await self.poller.stop()  # the models stay as they are while calls drain
         # Refuse new calls with UNAVAILABLE while health still answers NOT_SERVING, and give
         # the calls in flight the grace period; then close the listeners.
         if not await self.plane.gate.drain(grace):
@@ -105,6 +125,7 @@ class PipeserveServer:
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.registry.close()
+        self.metrics.stop()
         log.info("stopped")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from pipeserve.server.errors import InvalidArgument, ShuttingDown
@@ -19,6 +19,9 @@ from pipeserve.server.served_model import ServedModel
 
 # What the request log line reports about the model that answered (set per call).
 request_model: contextvars.ContextVar[str] = contextvars.ContextVar("request_model", default="")
+# The call's scheduling priority (1 = most urgent; 0 = the model's default), set by the adapters
+# from the call's metadata so that every service honours it without a field of its own.
+request_priority: contextvars.ContextVar[int] = contextvars.ContextVar("request_priority", default=0)
 
 MAX_INPUTS_PER_REQUEST = 4096
 
@@ -80,4 +83,23 @@ class DataPlane:
         for i, item in enumerate(inputs):
             served.task.check_input(i, item)
         deadline = time.monotonic() + timeout if timeout is not None else None
-        return served, await served.submit(inputs, task_params, deadline, priority)
+        return served, await served.submit(inputs, task_params, deadline, priority or request_priority.get())
+
+    def stream(
+        self,
+        task: str,
+        item: Any,
+        params: dict[str, Any],
+        *,
+        model: str = "",
+        version: int = 0,
+        timeout: float | None = None,
+    ) -> tuple[ServedModel, AsyncIterator[Any]]:
+        """Runs one input of a streaming task (text-generation); its events come as they are made.
+        Close the iterator (`contextlib.aclosing`) to stop the work early."""
+        served = self.registry.resolve(task, model, version)
+        request_model.set(served.label)
+        task_params = served.task.sanitize(params)
+        served.task.check_input(0, item)
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        return served, served.stream(item, task_params, deadline)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeserve.backends.registry import backend_names
-from pipeserve.server.errors import ModelNotFound, ModelNotReady, PipeserveError, WrongTask
+from pipeserve.server.errors import ModelControlDisabled, ModelNotFound, ModelNotReady, PipeserveError, WrongTask
 from pipeserve.server.repository.config import validate_model_config
 from pipeserve.server.repository.repository import ModelRepository
 from pipeserve.server.served_model import ServedModel
@@ -30,13 +30,25 @@ class ModelStatus:
     backend: str = ""
 
 
+CONTROL_MODES = ("none", "explicit", "poll")
+
+
 class ModelRegistry:
-    def __init__(self, repository: ModelRepository):
+    def __init__(self, repository: ModelRepository, control_mode: str = "explicit"):
+        if control_mode not in CONTROL_MODES:
+            raise ValueError(f"model_control_mode: {control_mode!r} is unknown; allowed: {', '.join(CONTROL_MODES)}")
         self.repository = repository
+        # "none": the models loaded at start are all there is; "explicit" and "poll" also take
+        # load and unload requests (poll follows the repository as well, see model_control.py).
+        self.control_mode = control_mode
         self.served: dict[str, dict[int, ServedModel]] = {}
         self.configs: dict[str, ModelConfig] = {}
         self.status: dict[tuple[str, int], ModelStatus] = {}
+        # What each loaded version's folder held when it was loaded, to tell changed versions.
+        self._fingerprints: dict[tuple[str, int], tuple] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # True once the models named at start have been tried (server readiness).
+        self.started = False
         # Called with (event, ServedModel) on "loaded" / "unloaded" (metrics, health).
         self.listeners: list[Callable[[str, ServedModel], None]] = []
 
@@ -51,44 +63,82 @@ class ModelRegistry:
                 log.error("model %s failed to load: %s", name, exc.message)
             except Exception:
                 log.exception("model %s failed to load", name)
+        self.started = True
 
-    async def load(self, name: str) -> list[ModelStatus]:
-        """Loads or reloads a model's selected versions. A failed load leaves what served before serving."""
+    def require_control(self) -> None:
+        """Refuses load and unload requests when the server runs with --model-control-mode none."""
+        if self.control_mode == "none":
+            raise ModelControlDisabled(
+                "model control is off (--model-control-mode none): models load only at start; restart the server "
+                "with --model-control-mode explicit or poll to load and unload models at run time")
+
+    async def load(self, name: str, *, reuse_unchanged: bool = False) -> list[ModelStatus]:
+        """Loads or reloads a model's selected versions. A failed load leaves what served before serving.
+
+        With `reuse_unchanged` (the repository poller), a version whose folder and config did not
+        change since it was loaded keeps serving as it is instead of being loaded again.
+        """
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            config, path = self.repository.read_config(name)
+            previous = self.served.get(name, {})
+            config = ModelConfig()
             try:
+                config, path = self.repository.read_config(name)
                 config = validate_model_config(config, path, name, task_names(), backend_names())
                 sources = self.repository.version_sources(name, config, path)
+            except ModelNotFound:
+                raise
             except PipeserveError as exc:
-                self.status[(name, 0)] = ModelStatus(name, 0, "FAILED", exc.message, config.task, config.backend)
+                keep = "; the previous version keeps serving" if previous else ""
+                self.status[(name, 0)] = ModelStatus(name, 0, "FAILED", exc.message + keep, config.task, config.backend)
                 raise
             self.status.pop((name, 0), None)
-            previous = self.served.get(name, {})
+            same_config = self.configs.get(name) == config
             loaded: dict[int, ServedModel] = {}
+            fingerprints: dict[int, tuple] = {}
             for source in sources:
                 key = (name, source.version)
+                fingerprints[source.version] = await asyncio.to_thread(self.repository.fingerprint, source.folder)
+                old = previous.get(source.version)
+                unchanged = same_config and self._fingerprints.get(key) == fingerprints[source.version]
+                if reuse_unchanged and old is not None and unchanged:
+                    loaded[source.version] = old
+                    continue
                 self.status[key] = ModelStatus(name, source.version, "LOADING", "", config.task, config.backend)
                 try:
                     loaded[source.version] = await ServedModel.load(config, source)
                 except Exception as exc:
                     reason = exc.message if isinstance(exc, PipeserveError) else f"{type(exc).__name__}: {exc}"
                     log.error("model %s version %d failed to load: %s", name, source.version, reason)
-                    for served in loaded.values():
-                        await served.close()
+                    # All or nothing: versions loaded before this one go again; what served before stays.
+                    for version, served in loaded.items():
+                        if previous.get(version) is not served:
+                            await served.close()
+                            if version not in previous:
+                                self.status[(name, version)] = ModelStatus(
+                                    name, version, "UNAVAILABLE", f"version {source.version} failed to load", config.task,
+                                    config.backend)
                     keep = "; the previous version keeps serving" if previous else ""
-                    self.status[key] = ModelStatus(name, source.version, "FAILED", reason + keep, config.task, config.backend)
+                    self.status[key] = ModelStatus(name, source.version, "FAILED", reason + keep, config.task,
+                                                   config.backend)
                     for version in previous:
                         self.status[(name, version)].state = "READY"
                     raise ModelNotReady(f"model {name} version {source.version} failed to load: {reason}{keep}") from exc
             self.served[name] = loaded
             self.configs[name] = config
+            for key in [k for k, st in self.status.items() if k[0] == name and k[1] not in loaded
+                        and st.state in ("FAILED", "LOADING")]:
+                del self.status[key]
             for version, served in loaded.items():
+                self._fingerprints[(name, version)] = fingerprints[version]
                 self.status[(name, version)] = ModelStatus(name, version, "READY", "", config.task, config.backend)
-                self._notify("loaded", served)
+                if previous.get(version) is not served:
+                    self._notify("loaded", served)
             # Versions that the new load replaced finish their in-flight work, then go.
             for version, old in previous.items():
                 if version not in loaded or loaded[version] is not old:
+                    if version not in loaded:
+                        self._fingerprints.pop((name, version), None)
                     await self._retire(old, keep_status=version in loaded)
             log.info("model %s ready (versions %s, task %s, backend %s)", name, sorted(loaded), config.task, config.backend)
             return [self.status[(name, v)] for v in sorted(loaded)]
@@ -100,7 +150,8 @@ class ModelRegistry:
             if versions is None:
                 raise ModelNotFound(f"model {name!r} is not loaded; loaded: {', '.join(sorted(self.served)) or 'none'}")
             self.configs.pop(name, None)
-            for served in versions.values():
+            for version, served in versions.items():
+                self._fingerprints.pop((name, version), None)
                 await self._retire(served, keep_status=False)
 
     async def _retire(self, served: ServedModel, keep_status: bool) -> None:

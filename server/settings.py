@@ -13,8 +13,16 @@ class ServerSettings:
     host: str = "0.0.0.0"
     # TCP port for gRPC (8001, as Triton); 0 picks a free port; -1 disables TCP.
     port: int = 8001
-    # Also (or only, with port -1) listen on this unix domain socket path.
+    # Also (or only, with port -1) listen on this unix domain socket path. Always plaintext:
+    # the file's permissions guard it (a sidecar's shared volume), the bearer token still applies.
     unix_socket: str = ""
+    # Octal permissions for the socket file (e.g. "0660" lets a sidecar's app container in the
+    # same group connect); empty: as created under the process umask.
+    unix_socket_mode: str = ""
+    # A plaintext port that serves only grpc.health.v1, for kubelet gRPC probes (which speak
+    # neither TLS nor tokens) when the main port needs TLS, or when traffic uses only the unix
+    # socket; -1: off. Health is always on the main port(s) as well.
+    health_port: int = -1
     # Prometheus metrics over HTTP (8002, as Triton); -1 disables.
     metrics_port: int = 8002
     metrics_host: str = "0.0.0.0"

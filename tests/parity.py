@@ -9,6 +9,8 @@ SCORE_TOLERANCE = 1e-5
 
 def assert_same_results(ours: Any, theirs: Any, tol: float = SCORE_TOLERANCE, path: str = "result") -> None:
     """Equal structure and keys, equal strings and ints, floats within `tol`."""
+    if hasattr(theirs, "item") and getattr(theirs, "ndim", None) == 0:
+        theirs = theirs.item()  # numpy scalars (transformers' np.float32 scores) compare as Python numbers
     if isinstance(theirs, dict):
         assert isinstance(ours, dict), f"{path}: expected a dict, got {type(ours).__name__}"
         assert set(ours) == set(theirs), f"{path}: keys {sorted(ours)} != {sorted(theirs)}"

@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from pipeserve.client.channel import ConnectionOptions, acall_with_retries, call_kwargs
+from pipeserve.client.channel import ConnectionOptions, ainvoke_stream, ainvoke_unary, default_target
+from pipeserve.client.pipeline import connection_options
 from pipeserve.client.tasks import codec_for
 
 
@@ -20,19 +22,28 @@ class AsyncRemotePipeline:
                  channel: grpc.aio.Channel | None = None, **defaults: Any):
         self.task = task
         self.model = model
-        self.options = options or ConnectionOptions()
+        self.options = options or ConnectionOptions(target=default_target())
         self.codec = codec_for(task)(model, task)
         self._own_channel = channel is None
         self.channel = channel or self.options.aio_channel()
-        self._call = getattr(self.codec.stub(self.channel), self.codec.method)
+        self.stub = self.codec.stub(self.channel)
+        self._call = getattr(self.stub, self.codec.method)
         self.defaults = defaults
 
-    async def __call__(self, inputs: Any, *, timeout: float | None = None, **params: Any) -> Any:
-        params = {**self.defaults, **params}
+    async def __call__(self, *args: Any, timeout: float | None = None, **params: Any) -> Any:
+        """Runs the task; `timeout` (seconds) bounds the whole call, retries included."""
+        # Usually one positional argument, the inputs; the codec knows other call shapes.
+        inputs, params = self.codec.call_arguments(args, {**self.defaults, **params})
         request = self.codec.build(inputs, params)
-        kwargs = call_kwargs(self.options, timeout)
-        response = await acall_with_retries(self.options, lambda: self._call(request, **kwargs))
+        response = await self._unary(self._call, request, timeout)
         return self.codec.shape(response, inputs, params)
+
+    # For subclasses (streaming tasks): one call with this pipeline's deadline, metadata and retries.
+    async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        return await ainvoke_unary(self.options, method, request, timeout)
+
+    def _stream(self, method: Any, request: Any, timeout: float | None) -> AsyncIterator[Any]:
+        return ainvoke_stream(self.options, method, request, timeout)
 
     async def close(self) -> None:
         if self._own_channel:
@@ -45,15 +56,22 @@ class AsyncRemotePipeline:
         await self.close()
 
 
-def pipeline(task: str, model: str | None = None, *, target: str = "localhost:8001", tls_ca: str | bool | None = None,
-             tls_cert: str | None = None, tls_key: str | None = None, token: str | None = None,
-             timeout: float | None = None, retries: int = 3, metadata: dict[str, str] | None = None,
+def pipeline(task: str, model: str | None = None, *, target: str | None = None, tls_ca: str | bool | None = None,
+             tls_cert: str | None = None, tls_key: str | None = None, tls_server_name: str | None = None,
+             token: str | None = None, timeout: float | None = None, retries: int = 3, backoff: float = 0.1,
+             wait_for_ready: bool = False, metadata: dict[str, str] | None = None, lb_policy: str | None = None,
              channel: grpc.aio.Channel | None = None, **defaults: Any) -> AsyncRemotePipeline:
     """Like `pipeserve.client.pipeline`, with coroutine calls. Create it inside the event loop."""
-    options = ConnectionOptions(target=target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token,
-                                timeout=timeout, retries=retries, metadata=tuple((metadata or {}).items()))
+    options = connection_options(target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                                 tls_server_name=tls_server_name, token=token, timeout=timeout, retries=retries,
+                                 backoff=backoff, wait_for_ready=wait_for_ready, metadata=metadata,
+                                 lb_policy=lb_policy)
     cls = _specialised.get(codec_for(task).task, AsyncRemotePipeline)
     return cls(task, model, options, channel, **defaults)
 
 
 _specialised: dict[str, type[AsyncRemotePipeline]] = {}
+
+from pipeserve.client.aio_streaming import AsyncTextGenerationPipeline  # noqa: E402 (it subclasses AsyncRemotePipeline)
+
+_specialised["text-generation"] = AsyncTextGenerationPipeline

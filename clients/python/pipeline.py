@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
-from pipeserve.client.channel import ConnectionOptions, call_kwargs, call_with_retries
+from pipeserve.client.channel import ConnectionOptions, default_target, invoke_stream, invoke_unary
 from pipeserve.client.tasks import codec_for
 
 
@@ -22,19 +23,28 @@ class RemotePipeline:
                  channel: grpc.Channel | None = None, **defaults: Any):
         self.task = task
         self.model = model
-        self.options = options or ConnectionOptions()
+        self.options = options or ConnectionOptions(target=default_target())
         self.codec = codec_for(task)(model, task)
         self._own_channel = channel is None
         self.channel = channel or self.options.sync_channel()
-        self._call = getattr(self.codec.stub(self.channel), self.codec.method)
+        self.stub = self.codec.stub(self.channel)
+        self._call = getattr(self.stub, self.codec.method)
         self.defaults = defaults
 
-    def __call__(self, inputs: Any, *, timeout: float | None = None, **params: Any) -> Any:
-        params = {**self.defaults, **params}
+    def __call__(self, *args: Any, timeout: float | None = None, **params: Any) -> Any:
+        """Runs the task; `timeout` (seconds) bounds the whole call, retries included."""
+        # Usually one positional argument, the inputs; the codec knows other call shapes.
+        inputs, params = self.codec.call_arguments(args, {**self.defaults, **params})
         request = self.codec.build(inputs, params)
-        kwargs = call_kwargs(self.options, timeout)
-        response = call_with_retries(self.options, lambda: self._call(request, **kwargs))
+        response = self._unary(self._call, request, timeout)
         return self.codec.shape(response, inputs, params)
+
+    # For subclasses (streaming tasks): one call with this pipeline's deadline, metadata and retries.
+    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        return invoke_unary(self.options, method, request, timeout)
+
+    def _stream(self, method: Any, request: Any, timeout: float | None) -> Iterator[Any]:
+        return invoke_stream(self.options, method, request, timeout)
 
     def close(self) -> None:
         if self._own_channel:
@@ -47,21 +57,45 @@ class RemotePipeline:
         self.close()
 
 
-def pipeline(task: str, model: str | None = None, *, target: str = "localhost:8001", tls_ca: str | bool | None = None,
-             tls_cert: str | None = None, tls_key: str | None = None, token: str | None = None,
-             timeout: float | None = None, retries: int = 3, metadata: dict[str, str] | None = None,
+def connection_options(target: str | None = None, *, tls_ca: str | bool | None = None, tls_cert: str | None = None,
+                       tls_key: str | None = None, tls_server_name: str | None = None, token: str | None = None,
+                       timeout: float | None = None, retries: int = 3, backoff: float = 0.1,
+                       wait_for_ready: bool = False, metadata: dict[str, str] | None = None,
+                       lb_policy: str | None = None) -> ConnectionOptions:
+    """ConnectionOptions from pipeline()'s keyword arguments (target None: $PIPESERVE_TARGET or localhost:8001)."""
+    return ConnectionOptions(target=target or default_target(), tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                             tls_server_name=tls_server_name, token=token, timeout=timeout, retries=retries,
+                             backoff=backoff, wait_for_ready=wait_for_ready, lb_policy=lb_policy,
+                             metadata=tuple((k.lower(), v) for k, v in (metadata or {}).items()))
+
+
+def pipeline(task: str, model: str | None = None, *, target: str | None = None, tls_ca: str | bool | None = None,
+             tls_cert: str | None = None, tls_key: str | None = None, tls_server_name: str | None = None,
+             token: str | None = None, timeout: float | None = None, retries: int = 3, backoff: float = 0.1,
+             wait_for_ready: bool = False, metadata: dict[str, str] | None = None, lb_policy: str | None = None,
              channel: grpc.Channel | None = None, **defaults: Any) -> RemotePipeline:
     """A remote pipeline for `task` (aliases such as "sentiment-analysis" and "ner" work too).
 
     `model` names a model of the server; None uses the server's default model for the task.
-    `target` is "host:port" or "unix:/path/to.sock". Keyword arguments that are not connection
-    settings become default call parameters, as with transformers' pipeline().
+    `target` is "host:port" or "unix:/path/to.sock"; None reads $PIPESERVE_TARGET, else
+    localhost:8001. TLS: `tls_ca` (a PEM path, or True for the system roots); mTLS adds
+    `tls_cert` and `tls_key`. `token` is sent as `authorization: Bearer <token>`, `metadata` on
+    every call. `timeout` (seconds) bounds each call, its `retries` on UNAVAILABLE included.
+    `wait_for_ready` waits for a server that is not up yet; `lb_policy="round_robin"` spreads
+    calls over every address of a "dns:///name:port" target. Keyword arguments that are not connection settings become default call parameters, as with
+    transformers' pipeline().
     """
-    options = ConnectionOptions(target=target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token,
-                                timeout=timeout, retries=retries, metadata=tuple((metadata or {}).items()))
+    options = connection_options(target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                                 tls_server_name=tls_server_name, token=token, timeout=timeout, retries=retries,
+                                 backoff=backoff, wait_for_ready=wait_for_ready, metadata=metadata,
+                                 lb_policy=lb_policy)
     cls = _specialised.get(codec_for(task).task, RemotePipeline)
     return cls(task, model, options, channel, **defaults)
 
 
 # Tasks with methods beyond __call__ (streaming generation) register a subclass here.
 _specialised: dict[str, type[RemotePipeline]] = {}
+
+from pipeserve.client.streaming import TextGenerationPipeline  # noqa: E402 (it subclasses RemotePipeline)
+
+_specialised["text-generation"] = TextGenerationPipeline

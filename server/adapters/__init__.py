@@ -32,6 +32,65 @@ def services(plane: DataPlane, registry: ModelRegistry) -> list[Service]:
                 text_classification_pb2_grpc.add_TextClassificationServiceServicer_to_server),
         Service("pipeserve.v1.FeatureExtractionService", FeatureExtractionServicer(plane),
                 feature_extraction_pb2_grpc.add_FeatureExtractionServiceServicer_to_server),
+        *_encoder_task_services(plane),
+        *_generation_services(plane),
         Service("pipeserve.v1.ModelService", ModelServicer(plane),
                 model_service_pb2_grpc.add_ModelServiceServicer_to_server),
+        _kserve_service(plane),
+    ]
+
+
+def _generation_services(plane: DataPlane) -> list[Service]:
+    """text-generation (unary and streaming), summarization and translation."""
+    from pipeserve.server.adapters.summarization import SummarizationServicer
+    from pipeserve.server.adapters.text_generation import TextGenerationServicer
+    from pipeserve.server.adapters.translation import TranslationServicer
+    from pipeserve.v1 import summarization_pb2_grpc, text_generation_pb2_grpc, translation_pb2_grpc
+
+    return [
+        Service("pipeserve.v1.TextGenerationService", TextGenerationServicer(plane),
+                text_generation_pb2_grpc.add_TextGenerationServiceServicer_to_server),
+        Service("pipeserve.v1.SummarizationService", SummarizationServicer(plane),
+                summarization_pb2_grpc.add_SummarizationServiceServicer_to_server),
+        Service("pipeserve.v1.TranslationService", TranslationServicer(plane),
+                translation_pb2_grpc.add_TranslationServiceServicer_to_server),
+    ]
+
+
+def _kserve_service(plane: DataPlane) -> Service:
+    """inference.GRPCInferenceService (KServe v2 / Triton), from the modules tritonclient ships."""
+    from tritonclient.grpc import service_pb2_grpc
+
+    from pipeserve.server.adapters.kserve import KServeServicer
+
+    return Service("inference.GRPCInferenceService", KServeServicer(plane),
+                   service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server)
+
+
+def _encoder_task_services(plane: DataPlane) -> list[Service]:
+    """token-classification, question-answering, fill-mask, zero-shot and image classification."""
+    from pipeserve.server.adapters.fill_mask import FillMaskServicer
+    from pipeserve.server.adapters.image_classification import ImageClassificationServicer
+    from pipeserve.server.adapters.question_answering import QuestionAnsweringServicer
+    from pipeserve.server.adapters.token_classification import TokenClassificationServicer
+    from pipeserve.server.adapters.zero_shot_classification import ZeroShotClassificationServicer
+    from pipeserve.v1 import (
+        fill_mask_pb2_grpc,
+        image_classification_pb2_grpc,
+        question_answering_pb2_grpc,
+        token_classification_pb2_grpc,
+        zero_shot_classification_pb2_grpc,
+    )
+
+    return [
+        Service("pipeserve.v1.TokenClassificationService", TokenClassificationServicer(plane),
+                token_classification_pb2_grpc.add_TokenClassificationServiceServicer_to_server),
+        Service("pipeserve.v1.QuestionAnsweringService", QuestionAnsweringServicer(plane),
+                question_answering_pb2_grpc.add_QuestionAnsweringServiceServicer_to_server),
+        Service("pipeserve.v1.FillMaskService", FillMaskServicer(plane),
+                fill_mask_pb2_grpc.add_FillMaskServiceServicer_to_server),
+        Service("pipeserve.v1.ZeroShotClassificationService", ZeroShotClassificationServicer(plane),
+                zero_shot_classification_pb2_grpc.add_ZeroShotClassificationServiceServicer_to_server),
+        Service("pipeserve.v1.ImageClassificationService", ImageClassificationServicer(plane),
+                image_classification_pb2_grpc.add_ImageClassificationServiceServicer_to_server),
     ]

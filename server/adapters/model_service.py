@@ -38,6 +38,10 @@ def statistics(name: str, version: int, stats: ModelStats) -> pb.ModelStatistics
         queued=stats.queued,
         rejected_count=stats.rejected,
         generated_tokens=stats.generated_tokens,
+        instance_restarts=stats.instance_restarts,
+        active_sequences=stats.active_sequences,
+        time_to_first_token=pb.DurationStat(count=stats.time_to_first_token.count,
+                                            total_ns=stats.time_to_first_token.total_ns),
     )
 
 
@@ -62,11 +66,13 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
 
     @unary_rpc()
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
+        self.registry.require_control()
         statuses = await self.registry.load(request.name)
         return pb.LoadModelResponse(versions=[summary(s, self.registry) for s in statuses])
 
     @unary_rpc()
     async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
+        self.registry.require_control()
         await self.registry.unload(request.name)
         return pb.UnloadModelResponse()
 

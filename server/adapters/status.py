@@ -15,10 +15,29 @@ from typing import Any
 
 import grpc
 
-from pipeserve.server.dataplane import request_model
-from pipeserve.server.errors import PipeserveError
+from pipeserve.server.dataplane import request_model, request_priority
+from pipeserve.server.errors import InvalidArgument, PipeserveError
 
 log = logging.getLogger("pipeserve.requests")
+
+
+# Status details travel percent-encoded in a trailer that clients cap (8 KiB soft, 16 KiB hard by
+# default): a message echoing a huge input (a 100 KB model name) must not turn a clean error into
+# a broken stream (RESOURCE_EXHAUSTED "Stream removed"). Encoded, a character takes 1 to 12 bytes.
+MAX_DETAILS_WIRE_BYTES = 6000
+
+
+def details(message: str) -> str:
+    """The status message, cut to what fits in MAX_DETAILS_WIRE_BYTES once percent-encoded."""
+    if len(message) * 12 <= MAX_DETAILS_WIRE_BYTES:
+        return message
+    size = 0
+    for i, ch in enumerate(message):
+        plain = " " <= ch <= "~" and ch != "%"
+        size += 1 if plain else 3 * len(ch.encode("utf-8", "surrogatepass"))
+        if size > MAX_DETAILS_WIRE_BYTES - 60:
+            return f"{message[:i]}... ({len(message) - i} more characters cut)"
+    return message
 
 
 def status_code(error: PipeserveError) -> grpc.StatusCode:
@@ -29,6 +48,22 @@ def timeout_of(context: grpc.aio.ServicerContext) -> float | None:
     """Seconds left before the client's deadline, or None without one."""
     remaining = context.time_remaining()
     return remaining if remaining is not None and remaining < 1e9 else None
+
+
+# Call metadata that sets a call's scheduling priority: 1 is the most urgent level of the model's
+# dynamic_batching.priority_levels; absent or 0, the model's default level.
+PRIORITY_METADATA = "pipeserve-priority"
+
+
+def priority_of(context: grpc.aio.ServicerContext) -> int:
+    """The priority the call's metadata asks for (0 when it names none)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == PRIORITY_METADATA:
+            try:
+                return int(value)
+            except ValueError:
+                raise InvalidArgument(PRIORITY_METADATA, f"must be an integer (1 = most urgent), got {value!r}") from None
+    return 0
 
 
 def _log_line(rpc: str, task: str, code: str, started: float) -> None:
@@ -55,12 +90,13 @@ def unary_rpc(task: str = "") -> Callable:
                 gate.enter()
             except PipeserveError as exc:
                 _log_line(rpc, task, exc.code, started)
-                await context.abort(status_code(exc), exc.message)
+                await context.abort(status_code(exc), details(exc.message))
             try:
+                request_priority.set(priority_of(context))
                 return await method(self, request, context)
             except PipeserveError as exc:
                 code = exc.code
-                await context.abort(status_code(exc), exc.message)
+                await context.abort(status_code(exc), details(exc.message))
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
@@ -70,7 +106,7 @@ def unary_rpc(task: str = "") -> Callable:
                     raise
                 code = "INTERNAL"
                 log.exception("rpc %s failed", rpc)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+                await context.abort(grpc.StatusCode.INTERNAL, details(f"internal error: {type(exc).__name__}: {exc}"))
             finally:
                 gate.exit()
                 _log_line(rpc, task, code, started)
@@ -96,13 +132,14 @@ def stream_rpc(task: str = "") -> Callable:
                 gate.enter()
             except PipeserveError as exc:
                 _log_line(rpc, task, exc.code, started)
-                await context.abort(status_code(exc), exc.message)
+                await context.abort(status_code(exc), details(exc.message))
             try:
+                request_priority.set(priority_of(context))
                 async for message in method(self, request, context):
                     yield message
             except PipeserveError as exc:
                 code = exc.code
-                await context.abort(status_code(exc), exc.message)
+                await context.abort(status_code(exc), details(exc.message))
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
@@ -111,7 +148,7 @@ def stream_rpc(task: str = "") -> Callable:
                     raise
                 code = "INTERNAL"
                 log.exception("rpc %s failed", rpc)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+                await context.abort(grpc.StatusCode.INTERNAL, details(f"internal error: {type(exc).__name__}: {exc}"))
             finally:
                 gate.exit()
                 _log_line(rpc, task, code, started)

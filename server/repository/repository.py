@@ -50,6 +50,30 @@ class ModelRepository:
             raise ModelNotFound(f"model {name!r} is not in the repository; it has: {', '.join(self.model_names()) or 'none'}")
         return folder
 
+    def fingerprint(self, folder: Path, depth: int = 3) -> tuple:
+        """What a folder holds, as (relative path, size, mtime) of every file and folder under it
+        (symlinks followed, hidden names skipped): equal fingerprints mean nothing changed."""
+        entries = []
+
+        def walk(current: Path, level: int) -> None:
+            try:
+                children = sorted(current.iterdir())
+            except OSError:
+                return
+            for child in children:
+                if child.name.startswith("."):
+                    continue
+                try:
+                    st = child.stat()
+                except OSError:
+                    continue
+                entries.append((str(child.relative_to(folder)), st.st_size, st.st_mtime_ns))
+                if child.is_dir() and level < depth:
+                    walk(child, level + 1)
+
+        walk(folder, 1)
+        return tuple(entries)
+
     def read_config(self, name: str) -> tuple[ModelConfig, Path]:
         path = self.model_folder(name) / CONFIG_FILE
         return parse_model_config(path), path

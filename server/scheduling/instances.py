@@ -1,16 +1,31 @@
-"""Model instances: one copy of a model per device slot, each with its own worker thread."""
+"""Model instances: one copy of a model per device slot, each with its own worker thread.
+
+An instance group in config.pbtxt is count x kind x device ids; `plan_devices` expands it into one
+device per instance. CPU instances share the cores between them (each worker thread sets its own
+torch intra-op thread count, which torch and OpenMP keep per calling thread); GPU instances run on
+their own CUDA stream (the backend's instance owns it) with their device made current in the worker.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import logging
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from pipeserve.backends.base import Instance
 from pipeserve.v1.model_config_pb2 import InstanceGroup as InstanceGroupConfig
+
+log = logging.getLogger("pipeserve.scheduler")
+
+# torch's thread count before any instance set its own (read at import, in the importing thread).
+_PROCESS_THREADS = torch.get_num_threads()
 
 
 def plan_devices(groups: list[InstanceGroupConfig]) -> list[torch.device]:
@@ -29,51 +44,123 @@ def plan_devices(groups: list[InstanceGroupConfig]) -> list[torch.device]:
             continue
         if not have_cuda:
             raise RuntimeError("instance_group asks for KIND_GPU but no CUDA device is visible")
-        gpus = list(group.gpus) or list(range(torch.cuda.device_count()))
+        visible = torch.cuda.device_count()
+        gpus = list(group.gpus) or list(range(visible))
         for gpu in gpus:
-            if gpu >= torch.cuda.device_count():
-                raise RuntimeError(f"instance_group asks for GPU {gpu} but only {torch.cuda.device_count()} are visible")
+            if gpu >= visible:
+                raise RuntimeError(f"instance_group asks for GPU {gpu} but only {visible} are visible")
             devices += [torch.device("cuda", gpu)] * count
     return devices
 
 
-def cpu_threads_per_instance(cpu_instances: int) -> int:
-    """Splits the CPU's cores among CPU instances so that they do not oversubscribe them."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_threads_per_instance(cpu_instances: int, cores: int | None = None) -> int:
+    """Splits the cores among CPU instances so that together they do not oversubscribe them."""
+    cores = available_cores() if cores is None else cores
     return max(1, cores // max(1, cpu_instances))
 
 
-@dataclass(eq=False)
+class InstanceWorker(concurrent.futures.Executor):
+    """The one thread that runs an instance's batches, in order, and hands each result back to the
+    event loop. Lighter than a ThreadPoolExecutor on the hot path (`post`: one queue put and one
+    call_soon_threadsafe); `submit` makes it an Executor for other work that must run on this
+    thread (reloading the instance)."""
+
+    def __init__(self, name: str, setup: Callable[[], None]):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._setup = setup
+        self._set_up = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+        self._set_up.wait()
+
+    def post(self, loop: asyncio.AbstractEventLoop, job: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        """Runs job() in the worker, then done(result) on `loop`. `job` must not raise."""
+        self._jobs.put((loop, job, done))
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def job() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self._jobs.put((None, job, None))
+        return future
+
+    def _main(self) -> None:
+        try:
+            self._setup()
+        finally:
+            self._set_up.set()
+        while True:
+            task = self._jobs.get()
+            if task is None:
+                return
+            loop, job, done = task
+            result = job()
+            if loop is None:
+                continue
+            try:
+                loop.call_soon_threadsafe(done, result)
+            except RuntimeError:  # the loop closed while the batch ran: nobody is waiting
+                log.debug("event loop closed before a batch finished")
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._jobs.put(None)
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+
 class ModelInstance:
-    """A backend instance, its worker thread, and how much work it holds."""
+    """A backend instance, its worker thread, and how much work it holds.
 
-    index: int
-    backend_instance: Instance
-    threads: int
-    # Batches handed to this instance and not finished yet.
-    outstanding: int = 0
-    executor: ThreadPoolExecutor = field(init=False)
+    `state` is "ready", "restarting" (it died and a replacement is loading: work waits for it) or
+    "dead" (the replacement failed too); only a ready instance whose backend says ready gets work.
+    """
 
-    def __post_init__(self) -> None:
-        self.executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix=f"instance-{self.index}",
-            initializer=self._init_thread,
-        )
+    def __init__(self, index: int, backend_instance: Instance, threads: int):
+        self.index = index
+        self.backend_instance = backend_instance
+        self.threads = threads
+        self.state = "ready"
+        # Batches handed to this instance and not finished yet.
+        self.outstanding = 0
+        # torch.set_num_threads also changes the count that threads started later begin with;
+        # put that back so that this instance's share does not leak into other components' threads.
+        self.worker = InstanceWorker(f"instance-{index}-{self.device}", self._setup_thread)
+        torch.set_num_threads(_PROCESS_THREADS)
 
-    def _init_thread(self) -> None:
-        # torch's intra-op pool size is per calling thread: give this worker its share of cores.
+    def _setup_thread(self) -> None:
+        # torch's intra-op thread count is per calling thread: this worker takes its share of cores.
+        # A thread takes the process-wide count on its first torch call, overwriting any count
+        # set before it; so that first call comes here, before setting this worker's own.
+        torch.get_num_threads()
         torch.set_num_threads(self.threads)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
     @property
     def device(self) -> torch.device:
         return self.backend_instance.device
 
+    @property
+    def executor(self) -> concurrent.futures.Executor:
+        """Runs other work (a reload) on this instance's thread, between its batches."""
+        return self.worker
+
     def ready(self) -> bool:
-        return self.backend_instance.ready()
+        return self.state == "ready" and self.backend_instance.ready()
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
+        self.worker.shutdown(wait=True)
         self.backend_instance.close()
 
 
@@ -85,19 +172,22 @@ class InstanceGroup:
         # One batch per instance at a time: the next batch keeps filling while this one runs,
         # which is what makes batches large under load.
         self.max_outstanding = max_outstanding
-        self._lock = threading.Lock()
 
     def pick(self) -> ModelInstance | None:
         """The least busy ready instance with room for a batch, or None."""
         best = None
         for inst in self.instances:
-            if inst.outstanding < self.max_outstanding and inst.ready():
-                if best is None or inst.outstanding < best.outstanding:
+            if inst.outstanding < self.max_outstanding and (best is None or inst.outstanding < best.outstanding):
+                if inst.ready():
                     best = inst
         return best
 
     def any_ready(self) -> bool:
         return any(inst.ready() for inst in self.instances)
+
+    def may_serve(self) -> bool:
+        """True while some instance is ready or coming back (restarting): queued work may wait."""
+        return any(inst.state == "restarting" or inst.ready() for inst in self.instances)
 
     def close(self) -> None:
         for inst in self.instances:

@@ -5,17 +5,21 @@ readiness check) only. The server itself runs in a separate venv (``.venv-triton
 ``setup_venv.sh`` from Debian's python3.11, with nvidia-pytriton, numpy<2 and a CPU torch), where
 ``serve_model.py`` loads a saved Hugging Face model and serves it through PyTriton.
 
-    from triton_server.harness import TritonProcess, triton_available, ensure_venv  # tests/ on sys.path
+    from tests.triton_server.harness import TritonProcess, require_triton
 
-    ok, reason = triton_available()
-    if not ok:
-        pytest.skip(reason)
-    ensure_venv()                      # builds .venv-triton once (about a minute), then instant
+    require_triton()    # pytest.skip if the machine cannot run Triton at all (triton_available),
+                        # else build .venv-triton once (ensure_venv: 1-3 min), instant afterwards
     with TritonProcess(model_dir, "tiny-bert") as triton:
         client = tritonclient.grpc.InferenceServerClient(triton.grpc_url)
         ...
         triton.stop()                  # graceful (SIGTERM); kill() simulates a crash
         triton.restart()               # same ports: a client holding grpc_url sees it come back
+
+Why the folder is not called ``tests/triton``: a folder named ``triton`` on sys.path (tests/ is, for
+a script run from it or under pytest's prepend import mode without tests/__init__.py) is found by
+``import triton`` as a namespace package where OpenAI Triton is not installed (CPU torch); torch
+then believes Triton is there, ``torch._dynamo`` fails to import, and with it every transformers
+model class ("Could not import module 'BertForSequenceClassification'").
 
 Environment:
   PIPESERVE_TRITON_VENV   venv to use (default: <repo>/.venv-triton)
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -50,6 +55,7 @@ __all__ = [
     "TritonStartError",
     "default_venv",
     "ensure_venv",
+    "require_triton",
     "triton_available",
     "triton_python",
     "venv_ready",
@@ -122,6 +128,17 @@ def triton_available(venv: str | os.PathLike | None = None) -> tuple[bool, str]:
     )
 
 
+def require_triton(venv: str | os.PathLike | None = None) -> Path:
+    """For a pytest fixture: skip when ``triton_available`` says the machine cannot, else build
+    the venv (``ensure_venv``) and return its path. A failing build fails the test."""
+    ok, reason = triton_available(venv)
+    if not ok:
+        import pytest
+
+        pytest.skip(reason)
+    return ensure_venv(venv)
+
+
 _venv_lock = threading.Lock()
 
 
@@ -156,6 +173,10 @@ def ensure_venv(venv: str | os.PathLike | None = None, timeout: float = 1200.0) 
 # --------------------------------------------------------------------------------------------
 
 
+# Lines tritonserver logs when it gives up starting (main.cc).
+_TRITON_FATAL_MARKS = ("failed to start", "error: creating server", "Address already in use")
+
+
 def _free_port(host: str = "127.0.0.1", avoid: set[int] = frozenset()) -> int:
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -174,6 +195,52 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
+
+
+_TRITON_MODEL_FOLDER = re.compile(r"^/tmp/folder[A-Za-z0-9]{6}(?=/)")
+
+
+def _group_leftovers(pgid: int) -> tuple[set[str], set[str]]:
+    """What a SIGKILL of group ``pgid`` would leave behind (found through Linux /proc).
+
+    Returns (shm files, folders): the /dev/shm files its processes have mapped or open (the
+    Python backend's ``pytrtion<pid>-...`` regions, PyTriton's ``psm_...`` tensor store,
+    semaphores) and the ``/tmp/folderXXXXXX`` copies of the model that tritonserver made for
+    its Python backend stubs (named in their command lines). A clean stop removes them all.
+    """
+    found: set[str] = set()
+    folders: set[str] = set()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            # pgrp is the 3rd field after the parenthesised command name.
+            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                for arg in f.read().decode(errors="replace").split("\0"):
+                    match = _TRITON_MODEL_FOLDER.match(arg)
+                    if match:
+                        folders.add(match.group(0))
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    idx = line.find("/dev/shm/")
+                    if idx != -1:
+                        found.add(line[idx:].strip().removesuffix(" (deleted)"))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("/dev/shm/"):
+                    found.add(target.removesuffix(" (deleted)"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found, folders
 
 
 class TritonProcess:
@@ -211,7 +278,10 @@ class TritonProcess:
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-        self.model_dir = Path(model_dir)
+        # Absolute: the server runs with its own temp dir as cwd.
+        self.model_dir = Path(model_dir).resolve()
+        if not (self.model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{self.model_dir} has no config.json (expected a save_pretrained directory)")
         self.model_name = model_name
         self.kind = kind
         self.outputs = list(outputs or [])
@@ -272,30 +342,57 @@ class TritonProcess:
         """
         if self.is_running():
             raise RuntimeError(f"Triton already running (pid {self.pid})")
-        python = triton_python(self.venv)
         if not venv_ready(self.venv):
             raise TritonStartError(f"Triton venv {self.venv} is not built; call harness.ensure_venv() first")
-        if self.grpc_port is None:
+        if self.grpc_port is not None:
+            self._wait_ports_free()
+            self._spawn_and_wait()
+            return self
+        # Fresh ports: picked free, then released for tritonserver to bind, so another process
+        # may take one in between. A start that loses that race is retried on new ports.
+        for attempt in range(3):
             used: set[int] = set()
             for attr in ("grpc_port", "http_port", "metrics_port"):
                 port = _free_port(self.host, used)
                 used.add(port)
                 setattr(self, attr, port)
-        else:
-            # Same ports as before; the previous server's sockets may take a moment to go.
-            deadline = time.monotonic() + 15
-            while not all(_port_free(p, self.host) for p in (self.grpc_port, self.http_port, self.metrics_port)):
-                if time.monotonic() > deadline:
-                    raise TritonStartError(
-                        f"ports {self.grpc_port}/{self.http_port}/{self.metrics_port} still busy; "
-                        f"log tail:\n{self.log_tail()}"
-                    )
-                time.sleep(0.1)
+            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                self._spawn_and_wait()
+                return self
+            except TritonStartError:
+                lost_race = "address already in use" in self._log_since(log_offset).lower()
+                if attempt == 2 or not lost_race:
+                    self.grpc_port = self.http_port = self.metrics_port = None
+                    raise
+        raise AssertionError("unreachable")
 
+    def _wait_ports_free(self, timeout: float = 15.0) -> None:
+        # Same ports as before; the previous server's sockets may take a moment to go.
+        deadline = time.monotonic() + timeout
+        while not all(_port_free(p, self.host) for p in (self.grpc_port, self.http_port, self.metrics_port)):
+            if time.monotonic() > deadline:
+                raise TritonStartError(
+                    f"ports {self.grpc_port}/{self.http_port}/{self.metrics_port} still busy after "
+                    f"{timeout:.0f}s; log tail:\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _spawn_and_wait(self) -> None:
         self._starts += 1
         workspace = self._tmp / f"workspace-{self._starts}"
+        tmpdir = self._tmp / "tmp"
+        tmpdir.mkdir(exist_ok=True)
         cmd = [
-            str(python),
+            str(triton_python(self.venv)),
             str(SERVE_SCRIPT),
             "--model-dir", str(self.model_dir),
             "--model-name", self.model_name,
@@ -312,7 +409,9 @@ class TritonProcess:
 
         env = dict(os.environ)
         # The main venv's settings must not leak into the Triton venv's interpreter.
-        for var in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP"):
+        # PYTHONDONTWRITEBYTECODE goes too: the venv is installed without .pyc files, and the
+        # first start writes them for what it imports (later starts are then seconds faster).
+        for var in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP", "PYTHONDONTWRITEBYTECODE"):
             env.pop(var, None)
         env.update(
             {
@@ -321,11 +420,16 @@ class TritonProcess:
                 "PYTRITON_HOME": str(self._tmp / "pytriton-home"),
                 "PYTHONUNBUFFERED": "1",
                 "TOKENIZERS_PARALLELISM": "false",
+                # Python's and torch's temp files go in here, so close() removes them. (Not
+                # tritonserver's /tmp/folderXXXXXX model copies: it ignores TMPDIR; _terminate
+                # removes those after a SIGKILL.)
+                "TMPDIR": str(tmpdir),
             }
         )
         self._log_file = open(self.log_path, "ab")
         self._log_file.write(f"\n===== start #{self._starts}: {' '.join(cmd)}\n".encode())
         self._log_file.flush()
+        log_offset = self._log_file.tell()
         t0 = time.monotonic()
         self._proc = subprocess.Popen(
             cmd,
@@ -337,14 +441,13 @@ class TritonProcess:
             start_new_session=True,  # its own process group: tritonserver and the stubs are in it
         )
         try:
-            self._wait_ready(t0)
+            self._wait_ready(t0, log_offset)
         except BaseException:
             self._terminate(timeout=10)
             raise
         self.last_start_seconds = time.monotonic() - t0
-        return self
 
-    def _wait_ready(self, t0: float) -> None:
+    def _wait_ready(self, t0: float, log_offset: int) -> None:
         import tritonclient.grpc as grpcclient  # main venv dependency; imported lazily
 
         deadline = t0 + self.start_timeout
@@ -355,6 +458,17 @@ class TritonProcess:
                 if self._proc.poll() is not None:
                     raise TritonStartError(
                         f"serve_model.py exited with {self._proc.returncode} before the model was ready; "
+                        f"log tail ({self.log_path}):\n{self.log_tail()}"
+                    )
+                # tritonserver exiting at start-up (a port taken, a bad option) leaves PyTriton
+                # polling it for 120s; its log says so at once.
+                fatal = [
+                    line for line in self._log_since(log_offset).splitlines()
+                    if any(mark in line for mark in _TRITON_FATAL_MARKS)
+                ]
+                if fatal:
+                    raise TritonStartError(
+                        f"tritonserver failed to start: {fatal[0].strip()[:300]}; "
                         f"log tail ({self.log_path}):\n{self.log_tail()}"
                     )
                 if time.monotonic() > deadline:
@@ -394,6 +508,8 @@ class TritonProcess:
         if proc is None:
             return
         pgid = proc.pid  # start_new_session: the group id is the leader's pid
+        shm_files: set[str] = set()
+        folders: set[str] = set()
         try:
             if proc.poll() is None and timeout > 0:
                 try:
@@ -404,7 +520,9 @@ class TritonProcess:
                     proc.wait(timeout)
                 except subprocess.TimeoutExpired:
                     pass
-            # Whatever is left of the group (all of it on kill(), stragglers after a stop).
+            # Whatever is left of the group (all of it on kill(), stragglers after a stop). Note
+            # the shared memory it has open first: a process killed this way cannot remove it.
+            shm_files, folders = _group_leftovers(pgid)
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -415,7 +533,13 @@ class TritonProcess:
                 pass
             self._wait_group_gone(pgid, 10)
         finally:
-            self._cleanup_shm(proc.pid)
+            for path in shm_files:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
             self._proc = None
             if self._log_file is not None:
                 self._log_file.close()
@@ -431,17 +555,6 @@ class TritonProcess:
                 return
             time.sleep(0.05)
 
-    @staticmethod
-    def _cleanup_shm(pid: int) -> None:
-        # The Python backend's shared-memory regions are named after serve_model's pid; a clean
-        # stop removes them, a SIGKILL leaves them in /dev/shm.
-        shm = Path("/dev/shm")
-        for path in shm.glob(f"pytrtion{pid}-*"):
-            try:
-                path.unlink()
-            except OSError:
-                pass
-
     def close(self) -> None:
         """Stop and remove the temp dir (logs included)."""
         self.stop()
@@ -449,16 +562,21 @@ class TritonProcess:
 
     def __enter__(self) -> "TritonProcess":
         if not self.is_running():
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self.close()  # __exit__ will not run; the error message carries the log tail
+                raise
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:  # last resort: never leave a tritonserver behind
+    def __del__(self) -> None:  # last resort: never leave a tritonserver (or its files) behind
         try:
             if self._proc is not None and self._proc.poll() is None:
                 os.killpg(self._proc.pid, signal.SIGKILL)
+            shutil.rmtree(self._tmp, ignore_errors=True)
         except Exception:
             pass
 

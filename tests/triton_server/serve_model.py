@@ -36,6 +36,8 @@ import time
 
 import numpy as np
 
+T_PROCESS = time.monotonic()  # start-up is reported from here, imports included
+
 KINDS = {
     # kind: (transformers Auto class, default outputs as [(triton name, attribute)])
     "sequence-classification": ("AutoModelForSequenceClassification", [("logits", "logits")]),
@@ -105,6 +107,8 @@ def load_model(model_dir: str, auto_class_name: str):
     import torch
     import transformers
 
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise SystemExit(f"serve_model: {model_dir!r} has no config.json (cwd {os.getcwd()})")
     auto_class = getattr(transformers, auto_class_name, None)
     if auto_class is None:
         raise SystemExit(f"serve_model: transformers has no class {auto_class_name!r}")
@@ -143,10 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("serve_model")
 
     stop = threading.Event()
+    state = {"serving": False, "aborting": False}
 
     def _on_signal(signum, _frame):
         log.info("signal %d received, stopping", signum)
         stop.set()
+        if not state["serving"] and not state["aborting"]:
+            # Still starting (PyTriton may poll a dead tritonserver for minutes): abort the start
+            # from wherever the main thread is; the finally below still stops Triton.
+            state["aborting"] = True
+            raise SystemExit(0)
 
     # Install before the slow part, so a SIGTERM during start-up still ends in a clean stop.
     signal.signal(signal.SIGTERM, _on_signal)
@@ -166,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     extra_inputs = [n for n in args.input if n not in REQUIRED_INPUTS]
     model = load_model(args.model_dir, auto_class)
     ranks = probe_output_ranks(model, outputs, list(REQUIRED_INPUTS) + extra_inputs)
-    log.info("loaded %s from %s with %s in %.2fs", args.kind, args.model_dir, auto_class, time.monotonic() - t0)
+    t_loaded = time.monotonic()
+    log.info(
+        "loaded %s from %s with %s in %.2fs (imports took %.2fs)",
+        args.kind, args.model_dir, auto_class, t_loaded - t0, t0 - T_PROCESS,
+    )
     delay_s = args.delay_ms / 1000.0
 
     @batch
@@ -209,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         triton.run()
         log.info(
-            "serving %r on grpc %s:%d http %s:%d metrics %s:%d (start-up %.2fs)",
+            "serving %r on grpc %s:%d http %s:%d metrics %s:%d (start-up %.2fs, model load %.2fs)",
             args.model_name,
             args.address,
             args.grpc_port,
@@ -217,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             args.http_port,
             args.address,
             args.metrics_port,
-            time.monotonic() - t0,
+            time.monotonic() - T_PROCESS,
+            t_loaded - t0,
         )
+        state["serving"] = True
         print("READY", flush=True)
         while not stop.wait(0.5):
             if not triton.is_alive():

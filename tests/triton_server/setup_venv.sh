@@ -10,7 +10,7 @@
 #
 # Idempotent: a marker file records what was installed; a rerun with the same requirements
 # returns at once. A half-built venv (no marker) is deleted and built again. Concurrent runs
-# (pytest workers, CI) serialise on a lock file beside the venv.
+# (pytest workers, CI) serialise on a lock file in $TMPDIR keyed by the venv's path.
 # apt-get runs only when something is missing (sudo only when not root).
 set -euo pipefail
 
@@ -87,12 +87,17 @@ apt_install() {
 if [[ ! -x "$PY" ]]; then
   log "$PY is missing; installing Debian's python3.11"
   apt_install python3.11 python3.11-venv libpython3.11
+  if [[ ! -x "$PY" ]]; then
+    log "ERROR: $PY is still missing after installing python3.11"
+    exit 2
+  fi
 fi
 if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
   log "$PY has no venv/ensurepip; installing python3-venv"
   apt_install python3-venv python3.11-venv
 fi
-if ! ldconfig -p 2>/dev/null | grep -q 'libpython3\.11\.so\.1\.0'; then
+if ! compgen -G '/usr/lib/*/libpython3.11.so.1.0' >/dev/null \
+  && ! { command -v ldconfig >/dev/null && ldconfig -p | grep -q 'libpython3\.11\.so\.1\.0'; }; then
   # The Python backend stub of tritonserver links against it.
   log "libpython3.11.so.1.0 is missing; installing libpython3.11"
   apt_install libpython3.11
@@ -100,6 +105,11 @@ fi
 
 # --- the venv -----------------------------------------------------------------------------
 if [[ -e "$VENV" ]]; then
+  # Never delete something that is not a venv (say, a mistyped argument naming the repo).
+  if [[ ! -f "$VENV/pyvenv.cfg" && -n "$(ls -A "$VENV" 2>/dev/null)" ]]; then
+    log "ERROR: $VENV exists and is not a virtualenv; refusing to replace it"
+    exit 2
+  fi
   log "removing incomplete or outdated $VENV"
   rm -rf "$VENV"
 fi
@@ -109,12 +119,24 @@ log "created venv from $PY ($("$PY" -V 2>&1)) in $(since "$t")"
 
 t=$(now)
 # --only-binary: no source builds on CI; every package here has a manylinux wheel.
-"$VENV/bin/python" -m pip install --only-binary=:all: --progress-bar off -q "${REQUIREMENTS[@]}"
+# --no-compile: byte-compiling all of torch and transformers costs ~30 CPU-s; the warm-up
+# imports below compile only what serving uses (PYTHONDONTWRITEBYTECODE, set on these machines,
+# is lifted for them, and harness.py lifts it for the server too).
+# The grep drops pip's noise about this machine's file:// extra indexes lacking a package.
+set +e
+"$VENV/bin/python" -m pip install --only-binary=:all: --no-compile --progress-bar off -q "${REQUIREMENTS[@]}" 2>&1 \
+  | grep -v "is ignored: it is neither a file nor a directory"
+rc=${PIPESTATUS[0]}
+set -e
+if [[ $rc != 0 ]]; then
+  log "ERROR: pip install failed (exit $rc)"
+  exit "$rc"
+fi
 log "pip install took $(since "$t")"
 
-# --- sanity checks: CPU torch, numpy<2, a stub for this python, and the imports ------------
+# --- sanity checks (CPU torch, numpy<2, a stub for this python) and warm-up imports ---------
 t=$(now)
-"$VENV/bin/python" - <<'EOF'
+env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
 import pathlib
 import sys
@@ -123,15 +145,25 @@ import numpy
 import torch
 import transformers
 import pytriton
+import tritonclient.grpc  # noqa: F401
+import tritonclient.http  # noqa: F401
 from pytriton.triton import Triton  # noqa: F401
 from pytriton.decorators import batch  # noqa: F401
+from pytriton.proxy import communication, data, inference  # noqa: F401
+# What serve_model.py loads: resolving these lazy classes imports the modelling machinery.
+from transformers import (  # noqa: F401
+    AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification, BertModel,
+)
 
 problems = []
 if numpy.__version__.split(".")[0] != "1":
     problems.append(f"numpy {numpy.__version__} (pytriton needs numpy<2)")
 if torch.version.cuda is not None or "+cpu" not in torch.__version__:
     problems.append(f"torch {torch.__version__} cuda={torch.version.cuda} is not the CPU wheel")
-cuda_pkgs = sorted(d.metadata["Name"] for d in md.distributions() if d.metadata["Name"].lower().startswith("nvidia-c"))
+cuda_pkgs = sorted(
+    name for name in (d.metadata["Name"] for d in md.distributions())
+    if name.lower().startswith("nvidia-") and name.lower() != "nvidia-pytriton"
+)
 if cuda_pkgs:
     problems.append(f"CUDA packages got installed: {cuda_pkgs}")
 stub = (pathlib.Path(pytriton.__file__).parent / "tritonserver" / "python_backend_stubs"

@@ -19,6 +19,16 @@ class TaskCodec:
         self.model = model or ""
         self.task_name = task_name
 
+    def call_arguments(self, args: tuple[Any, ...], params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """(inputs, params) from a call's arguments. Most tasks take the inputs as the one positional
+        argument; tasks with other call shapes (question=..., context=...) override this."""
+        if not args and "inputs" in params:
+            params = dict(params)
+            return params.pop("inputs"), params
+        if len(args) != 1:
+            raise TypeError(f"a {self.task} pipeline takes the inputs as its one positional argument, got {len(args)}")
+        return args[0], params
+
     def build(self, inputs: Any, params: dict[str, Any]) -> Any:
         raise NotImplementedError
 

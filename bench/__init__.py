@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): each module with a `main()` measures one capability against its baseline."""

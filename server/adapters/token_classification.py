@@ -1,0 +1,53 @@
+"""pipeserve.v1.TokenClassificationService over the data plane."""
+
+from __future__ import annotations
+
+from pipeserve.server.adapters.status import timeout_of, unary_rpc
+from pipeserve.server.dataplane import DataPlane
+from pipeserve.server.errors import InvalidArgument
+from pipeserve.v1 import token_classification_pb2 as pb
+from pipeserve.v1 import token_classification_pb2_grpc as pb_grpc
+
+TASK = "token-classification"
+
+_STRATEGIES = {
+    pb.AGGREGATION_STRATEGY_UNSPECIFIED: None,
+    pb.AGGREGATION_STRATEGY_NONE: "none",
+    pb.AGGREGATION_STRATEGY_SIMPLE: "simple",
+    pb.AGGREGATION_STRATEGY_FIRST: "first",
+    pb.AGGREGATION_STRATEGY_AVERAGE: "average",
+    pb.AGGREGATION_STRATEGY_MAX: "max",
+}
+
+
+def _entity(d: dict) -> pb.TokenEntity:
+    entity = pb.TokenEntity(entity=d.get("entity", ""), entity_group=d.get("entity_group", ""), score=d["score"],
+                            word=d["word"])
+    if "index" in d:
+        entity.index = d["index"]
+    if d.get("start") is not None:
+        entity.start = d["start"]
+        entity.end = d["end"]
+    return entity
+
+
+class TokenClassificationServicer(pb_grpc.TokenClassificationServiceServicer):
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+
+    @unary_rpc(TASK)
+    async def ClassifyTokens(self, request: pb.ClassifyTokensRequest, context) -> pb.ClassifyTokensResponse:
+        if request.aggregation_strategy not in _STRATEGIES:
+            raise InvalidArgument("aggregation_strategy", f"unknown value {request.aggregation_strategy}")
+        params: dict = {"aggregation_strategy": _STRATEGIES[request.aggregation_strategy]}
+        if request.HasField("ignore_labels"):
+            params["ignore_labels"] = list(request.ignore_labels.labels)
+        served, results = await self.plane.infer(
+            TASK, list(request.inputs), params, model=request.model, version=request.model_version,
+            timeout=timeout_of(context),
+        )
+        return pb.ClassifyTokensResponse(
+            results=[pb.TokenEntities(entities=[_entity(d) for d in r]) for r in results],
+            model=served.name,
+            model_version=served.version,
+        )

@@ -1,0 +1,92 @@
+"""Writing an export into a repository: a new numbered version folder, written whole or not at all.
+
+An export never changes the model it came from. `config.pbtxt` names one backend for every version
+of a model (as Triton's `platform` does), so a TorchScript version inside an eager model would
+need the whole model switched to TorchScript and would strand its eager version. The export is
+therefore a sibling model, `<model>-torchscript`, with its own config; each export adds version
+n+1 there (`version_policy` picks which serve, as for any model), and the eager model keeps
+serving beside it, which makes comparing the two a matter of naming the model in a request.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeserve.server.repository.config import CONFIG_FILE, is_valid_model_name, parse_model_config
+from pipeserve.server.repository.default_models import write_model_config
+from pipeserve.v1.model_config_pb2 import ModelConfig
+
+
+def version_numbers(model_folder: Path) -> list[int]:
+    if not model_folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def add_version(model_folder: Path, write: Callable[[Path], None]) -> tuple[int, Path]:
+    """Writes version max+1 of `model_folder` through `write(folder)`; returns (version, folder).
+
+    The files go to a hidden partial folder (the repository and its poller ignore dot-names) that
+    is renamed into place when complete, so a server never sees half a version; a concurrent
+    export that takes the number first makes this one take the next.
+    """
+    model_folder.mkdir(parents=True, exist_ok=True)
+    partial = model_folder / f".export.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        write(partial)
+        for _ in range(100):
+            version = max(version_numbers(model_folder), default=0) + 1
+            final = model_folder / str(version)
+            try:
+                os.rename(partial, final)  # fails if another export created `final` meanwhile
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) or final.exists():
+                    continue
+                raise
+            return version, final
+        raise RuntimeError(f"could not find a free version number in {model_folder}")
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def sibling_config(source: ModelConfig, name: str, backend: str) -> ModelConfig:
+    """The serving config of an exported model: the source's, under its own name and backend.
+
+    It never takes over the task's default (the eager model keeps it); weights-loading settings
+    (source, backend_parameters) do not apply to the exported artefact.
+    """
+    config = ModelConfig()
+    config.CopyFrom(source)
+    config.name = name
+    config.backend = backend
+    config.default_for_task = False
+    config.ClearField("source")
+    config.ClearField("backend_parameters")
+    config.ClearField("version_policy")
+    return config
+
+
+def has_model_config(model_folder: Path, backend: str) -> bool:
+    """True if the model already has a config.pbtxt (kept: a user may have tuned it). One for
+    another backend is an error, checked before anything is written: the export would not serve."""
+    path = model_folder / CONFIG_FILE
+    if not path.is_file():
+        return False
+    existing = parse_model_config(path)
+    if (existing.backend or "eager") != backend:
+        raise ValueError(f"{path} serves with backend {existing.backend!r}, not {backend!r}; "
+                         "export under another --name or fix that config")
+    return True
+
+
+def write_config(model_folder: Path, config: ModelConfig) -> Path:
+    """Writes config.pbtxt, after the version folders: a polling server then sees a whole model."""
+    if not is_valid_model_name(config.name):
+        raise ValueError(f"model name {config.name!r} is not valid (letters, digits, '_', '.', '-')")
+    model_folder.mkdir(parents=True, exist_ok=True)
+    return write_model_config(model_folder, config)

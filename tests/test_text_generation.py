@@ -1,0 +1,158 @@
+"""text-generation over the wire: the same tokens as transformers' generate and pipeline, batched or not."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+from transformers import pipeline as hf_pipeline
+
+from pipeserve.client import pipeline
+from pipeserve.v1 import text_generation_pb2 as pb
+from tests.generation_helpers import PROMPTS, Reference, params, statistics, stub
+from tests.rpc_errors import expect_invalid_argument
+
+MODEL = "gpt2"
+N = 12
+
+
+@pytest.fixture(scope="module")
+def reference(model_repository) -> Reference:
+    return Reference(model_repository / MODEL)
+
+
+@pytest.fixture(scope="module")
+def gen(target):
+    with pipeline("text-generation", target=target) as remote:
+        yield remote
+
+
+async def _concurrently(target: str, requests: list) -> list:
+    """Sends unary and streaming requests at once; returns token ids per request."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        s = stub(channel)
+
+        async def one(request):
+            if isinstance(request, pb.GenerateRequest):
+                response = await s.Generate(request)
+                return [list(seq.token_ids) for r in response.results for seq in r.sequences]
+            return [t async for message in s.GenerateStream(request) for t in message.token_ids]
+
+        return await asyncio.gather(*(one(r) for r in requests))
+
+
+def test_greedy_equals_generate_while_batched_with_prompts_of_other_lengths(target, reference):
+    greedy = dict(do_sample=False)
+    requests = [pb.GenerateRequest(inputs=PROMPTS, parameters=params(max_new_tokens=N, **greedy))]
+    requests += [pb.GenerateStreamRequest(input=p, parameters=params(max_new_tokens=N + i, **greedy))
+                 for i, p in enumerate(PROMPTS)]
+    before = statistics(target, MODEL).batch_sizes
+    unary, *streams = asyncio.run(_concurrently(target, requests))
+    for prompt, tokens in zip(PROMPTS, unary):
+        assert tokens == reference.generate(prompt, max_new_tokens=N, do_sample=False), prompt
+    for i, (prompt, tokens) in enumerate(zip(PROMPTS, streams)):
+        assert tokens == reference.generate(prompt, max_new_tokens=N + i, do_sample=False), prompt
+    after = statistics(target, MODEL).batch_sizes
+    # They really shared forward passes: decode steps of many rows ran.
+    assert any(size >= len(PROMPTS) and count > before.get(size, 0) for size, count in after.items()), dict(after)
+
+
+def test_matches_transformers_pipeline(gen, model_repository):
+    theirs = hf_pipeline("text-generation", model=str(model_repository / MODEL))
+    for inputs, kwargs in [
+        ("Hello world", {}),  # the model's generation config: greedy, 32 new tokens
+        (PROMPTS, {"max_new_tokens": 6}),
+        ("The cat", {"return_full_text": False, "max_new_tokens": 8}),
+        ("Hello", {"repetition_penalty": 1.5, "max_new_tokens": 10}),
+    ]:
+        assert gen(inputs, **kwargs) == theirs(inputs, **kwargs), (inputs, kwargs)
+    # Sampling: our seed gives what transformers gives after torch.manual_seed, with its defaults
+    # (temperature 0.7 and top_k 50 when the model sets none) or with the parameters named.
+    for kwargs in [{"do_sample": True}, {"do_sample": True, "temperature": 1.3, "top_k": 0, "top_p": 0.9}]:
+        torch.manual_seed(5)
+        expected = theirs(PROMPTS[1], max_new_tokens=10, **kwargs)
+        assert gen(PROMPTS[1], max_new_tokens=10, seed=5, **kwargs) == expected, kwargs
+
+
+def test_a_seeded_stream_is_reproducible_whatever_shares_the_batch(target, reference):
+    sampled = dict(do_sample=True, temperature=1.0, top_k=0, max_new_tokens=16)
+    seeded = pb.GenerateStreamRequest(input=PROMPTS[2], parameters=params(seed=11, **sampled))
+    (alone,) = asyncio.run(_concurrently(target, [seeded]))
+    neighbours = [pb.GenerateStreamRequest(input=p, parameters=params(**sampled)) for p in PROMPTS]
+    neighbours += [pb.GenerateRequest(inputs=PROMPTS[:3], parameters=params(do_sample=False, max_new_tokens=20))]
+    together = asyncio.run(_concurrently(target, [*neighbours[:3], seeded, *neighbours[3:]]))[3]
+    assert together == alone
+    assert alone == reference.generate(PROMPTS[2], seed=11, **sampled)
+
+
+def test_num_return_sequences_and_the_shapes_of_results(gen):
+    several = gen("Hello", do_sample=True, seed=1, num_return_sequences=3, max_new_tokens=5)
+    assert len(several) == 3 and all(set(r) == {"generated_text"} and r["generated_text"].startswith("Hello")
+                                     for r in several)
+    assert gen("Hello", do_sample=True, seed=1, num_return_sequences=3, max_new_tokens=5) == several
+    batch = gen(["a", "b c"], max_new_tokens=3, do_sample=False)
+    assert [len(per_input) for per_input in batch] == [1, 1]
+
+
+def test_stop_sequences_end_the_text_and_the_finish_reason_says_why(target, reference):
+    with grpc.insecure_channel(target) as channel:
+        s = stub(channel)
+        full = s.Generate(pb.GenerateRequest(inputs=[PROMPTS[1]], parameters=params(do_sample=False, max_new_tokens=20),
+                                             return_full_text=False)).results[0].sequences[0]
+        assert full.finish_reason == pb.FINISH_REASON_LENGTH
+        assert full.usage.generated_tokens == 20 and full.usage.prompt_tokens == len(reference.ids(PROMPTS[1]))
+        text = full.generated_text
+        stop = text[len(text) // 2 : len(text) // 2 + 3]
+        stopped = s.Generate(pb.GenerateRequest(
+            inputs=[PROMPTS[1]], parameters=params(do_sample=False, max_new_tokens=20, stop_sequences=["zzzz", stop]),
+            return_full_text=False)).results[0].sequences[0]
+    assert stopped.generated_text == text[: text.find(stop) + len(stop)]
+    assert stopped.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+    assert list(stopped.token_ids) == list(full.token_ids)[: len(stopped.token_ids)]
+
+
+def test_logprobs_are_the_models_log_probabilities(target, reference):
+    with grpc.insecure_channel(target) as channel:
+        result = stub(channel).Generate(pb.GenerateRequest(
+            inputs=[PROMPTS[0]], parameters=params(do_sample=False, max_new_tokens=4, logprobs=True, top_logprobs=3),
+        )).results[0].sequences[0]
+    ids = torch.tensor([reference.ids(PROMPTS[0])])
+    with torch.inference_mode():
+        out = reference.model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                       return_dict_in_generate=True)
+    assert len(result.logprobs) == 4
+    for lp, token, logits in zip(result.logprobs, result.token_ids, out.logits):
+        expected = torch.log_softmax(logits[0].float(), dim=-1)
+        assert lp.token_id == token and lp.logprob == pytest.approx(float(expected[token]), abs=1e-4)
+        assert [t.token_id for t in lp.top] == expected.topk(3).indices.tolist()
+        assert lp.top[0].token_id == token  # greedy picks the likeliest
+        assert lp.top[0].token == reference.tokenizer.decode([token])
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(parameters=params(max_new_tokens=0)), "max_new_tokens"),
+    (dict(parameters=params(max_new_tokens=100_000)), "max_new_tokens"),
+    (dict(parameters=params(do_sample=True, temperature=0.0)), "temperature"),
+    (dict(parameters=params(top_p=1.5)), "top_p"),
+    (dict(parameters=params(top_k=-1)), "top_k"),
+    (dict(parameters=params(repetition_penalty=0.0)), "repetition_penalty"),
+    (dict(parameters=params(logprobs=True, top_logprobs=50)), "top_logprobs"),
+    (dict(parameters=params(stop_sequences=[""])), "stop_sequences[0]"),
+    (dict(parameters=params(do_sample=False), num_return_sequences=2), "num_return_sequences"),
+    (dict(inputs=["fine", "word " * 2000]), "inputs[1]"),
+    (dict(inputs=[]), "inputs"),
+])
+def test_bad_parameters_are_invalid_argument_naming_the_field(target, fields, field):
+    fields.setdefault("inputs", ["Hello"])
+    with grpc.insecure_channel(target) as channel:
+        expect_invalid_argument(lambda: stub(channel).Generate(pb.GenerateRequest(**fields)), field)
+
+
+def test_a_bad_stream_request_is_invalid_argument_before_any_token(target):
+    with grpc.insecure_channel(target) as channel:
+        s = stub(channel)
+        expect_invalid_argument(lambda: list(s.GenerateStream(pb.GenerateStreamRequest(
+            input="Hello", parameters=params(top_p=0.0)))), "top_p")
+        expect_invalid_argument(lambda: list(s.GenerateStream(pb.GenerateStreamRequest(input="word " * 2000))), "input")
