@@ -20,10 +20,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from pipeserve.backends.base import DecoderState
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
-
-from pipeserve.backends.base import DecoderState
 
 # Capacity grows in steps of this many positions, so that buffers are not reallocated every step.
 _LENGTH_QUANTUM = 64
@@ -100,6 +99,7 @@ class RowCache(Cache, DecoderState):
         state._rows = len(caches)
         return state
 
+    @torch.inference_mode()  # the buffers are inference tensors: writes to them must be, too
     def extend(self, other: DecoderState) -> None:
         assert isinstance(other, RowCache)
         if other.rows == 0:
@@ -117,6 +117,7 @@ class RowCache(Cache, DecoderState):
         self._rows = n + m
         other._clear()
 
+    @torch.inference_mode()
     def release(self, rows: Sequence[int]) -> list[int]:
         order = list(range(self._rows))
         for row in sorted(set(rows), reverse=True):
@@ -207,8 +208,8 @@ class CausalLMStepper:
             raise NotImplementedError("step-wise decoding is for decoder-only models")
         layer_types = getattr(config, "layer_types", None)
         if layer_types and any(t != "full_attention" for t in layer_types):
-            raise NotImplementedError(
-                f"step-wise decoding supports full-attention models only; this one has layers {sorted(set(layer_types))}")
+            raise NotImplementedError("step-wise decoding supports full-attention models only; "
+                                      f"this one has layers {sorted(set(layer_types))}")
         parameters = inspect.signature(model.forward).parameters
         # transformers renamed past_key_values to cache in 5.x; take whichever this version has.
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
@@ -250,8 +251,8 @@ class CausalLMStepper:
             mask = torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, torch.finfo(dtype).min)[:, None, None, :]
         position_ids = state.lengths[:n, None].clone()
         logits = self._forward(
-            input_ids=tokens.view(n, 1).to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
-            **{self.cache_argument: state},
+            input_ids=tokens.view(n, 1).to(device), attention_mask=mask.to(device),
+            position_ids=position_ids.to(device), **{self.cache_argument: state},
         )
         state.end_step()
         return logits

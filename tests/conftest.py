@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# As `pipeserve serve` does (server/cli.py): spinning OpenMP workers stall on shared cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pipeserve.server.settings import ServerSettings  # noqa: E402
 from tests.server_harness import ServerThread  # noqa: E402

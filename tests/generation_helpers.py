@@ -8,12 +8,11 @@ from pathlib import Path
 
 import grpc
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
 from pipeserve.v1 import model_service_pb2 as ms
 from pipeserve.v1 import model_service_pb2_grpc as ms_grpc
 from pipeserve.v1 import text_generation_pb2 as pb
 from pipeserve.v1 import text_generation_pb2_grpc as pb_grpc
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 # Prompts of different lengths (in tokens: about 2 to 40), some not ASCII.
 PROMPTS = [

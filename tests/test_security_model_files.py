@@ -105,7 +105,8 @@ def files(tmp_path_factory, model_repository):
 
 
 @pytest.fixture(scope="module")
-def server(files, tmp_path_factory):
+def guarded(files, tmp_path_factory):
+    """A server on that repository, with only the good model loaded at start."""
     # trust_remote_code copies a model's code into transformers' module cache and imports it from
     # there: keep that cache (and the sys.path entry transformers adds for it) inside the test.
     import transformers.dynamic_module_utils as dynamic
@@ -120,8 +121,8 @@ def server(files, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def models(server):
-    with grpc.insecure_channel(server.target) as channel:
+def models(guarded):
+    with grpc.insecure_channel(guarded.target) as channel:
         yield ms_grpc.ModelServiceStub(channel)
 
 
@@ -155,8 +156,8 @@ def test_absolute_path_to_a_model_folder_is_not_a_name(models, files):
     assert error.code() == grpc.StatusCode.NOT_FOUND and "not valid" in error.details()
 
 
-def test_kserve_repository_calls_refuse_names_that_leave_the_repository(server, files):
-    with triton.InferenceServerClient(server.target) as client:
+def test_kserve_repository_calls_refuse_names_that_leave_the_repository(guarded, files):
+    with triton.InferenceServerClient(guarded.target) as client:
         for name in ("../inside", "/etc", "linked-out", str(files["outside"])):
             with pytest.raises(InferenceServerException) as info:
                 client.load_model(name)
@@ -169,8 +170,8 @@ def test_kserve_repository_calls_refuse_names_that_leave_the_repository(server, 
 
 
 @pytest.mark.parametrize("name", ["../inside", "/inside", "inside/", "linked-out"])
-def test_inference_names_are_looked_up_not_opened(server, name):
-    with grpc.insecure_channel(server.target) as channel:
+def test_inference_names_are_looked_up_not_opened(guarded, name):
+    with grpc.insecure_channel(guarded.target) as channel:
         stub = tc_grpc.TextClassificationServiceStub(channel)
         error = _error(lambda: stub.Classify(tc_pb.ClassifyRequest(model=name, inputs=["x"]), timeout=30))
         assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
@@ -224,19 +225,19 @@ def test_custom_code_is_refused_without_trust_remote_code(models, files):
     assert not files["markers"]["untrusted"].exists(), "the model folder's code ran without trust_remote_code"
 
 
-def test_custom_code_runs_where_the_config_trusts_it(models, server, files):
+def test_custom_code_runs_where_the_config_trusts_it(models, guarded, files):
     assert not files["markers"]["trusted"].exists()
     versions = models.LoadModel(ms_pb.LoadModelRequest(name="trusted-code"), timeout=120).versions
     assert [v.state for v in versions] == [ms_pb.MODEL_STATE_READY]
     assert files["markers"]["trusted"].exists()
-    with grpc.insecure_channel(server.target) as channel:
+    with grpc.insecure_channel(guarded.target) as channel:
         reply = tc_grpc.TextClassificationServiceStub(channel).Classify(
             tc_pb.ClassifyRequest(model="trusted-code", inputs=["hello"]), timeout=30)
     assert {label.label for label in reply.results[0].labels} <= {"NEGATIVE", "POSITIVE"}
 
 
-def test_refused_folders_leave_the_server_serving(server):
-    with grpc.insecure_channel(server.target) as channel:
+def test_refused_folders_leave_the_server_serving(guarded):
+    with grpc.insecure_channel(guarded.target) as channel:
         reply = tc_grpc.TextClassificationServiceStub(channel).Classify(
             tc_pb.ClassifyRequest(model="inside", inputs=["still here"]), timeout=30)
     assert len(reply.results) == 1

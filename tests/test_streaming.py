@@ -7,10 +7,10 @@ import contextlib
 
 import grpc
 import pytest
-
 from pipeserve.client import aio, pipeline
 from pipeserve.server.generation.detokenizer import IncrementalDetokenizer
 from pipeserve.v1 import text_generation_pb2 as pb
+
 from tests.conftest import server_settings
 from tests.generation_helpers import PROMPTS, Reference, params, statistics, stub, wait_until
 from tests.model_folders import add_model

@@ -6,11 +6,11 @@ import concurrent.futures
 
 import grpc
 import pytest
-
 from pipeserve.client import pipeline
 from pipeserve.v1 import seq2seq_generation_pb2 as seq2seq
 from pipeserve.v1 import summarization_pb2 as pb
 from pipeserve.v1 import summarization_pb2_grpc as pb_grpc
+
 from tests.generation_helpers import Seq2SeqReference
 from tests.rpc_errors import expect_invalid_argument
 

@@ -7,10 +7,10 @@ import asyncio
 import grpc
 import pytest
 import torch
-from transformers import pipeline as hf_pipeline
-
 from pipeserve.client import pipeline
 from pipeserve.v1 import text_generation_pb2 as pb
+from transformers import pipeline as hf_pipeline
+
 from tests.generation_helpers import PROMPTS, Reference, params, statistics, stub
 from tests.rpc_errors import expect_invalid_argument
 
@@ -57,6 +57,66 @@ def test_greedy_equals_generate_while_batched_with_prompts_of_other_lengths(targ
     after = statistics(target, MODEL).batch_sizes
     # They really shared forward passes: decode steps of many rows ran.
     assert any(size >= len(PROMPTS) and count > before.get(size, 0) for size, count in after.items()), dict(after)
+
+
+def test_sequences_joining_and_leaving_a_running_batch_keep_generates_tokens(target, reference):
+    async def run():
+        async with grpc.aio.insecure_channel(target) as channel:
+            s = stub(channel)
+
+            async def tokens(call):
+                found = []
+                while (message := await call.read()) is not grpc.aio.EOF:
+                    found += message.token_ids
+                return found
+
+            def start(prompt, n):
+                return s.GenerateStream(pb.GenerateStreamRequest(input=prompt, parameters=params(
+                    max_new_tokens=n, do_sample=False)))
+
+            first = start(PROMPTS[0], 30)
+            head = list((await first.read()).token_ids)  # running: the others join its batch
+            wave = [asyncio.ensure_future(tokens(start(p, n))) for p, n in zip(PROMPTS[1:], (4, 9, 14, 6))]
+            middle = await wave[0]  # one leaves while the rest go on; then one more joins
+            late = await tokens(start(PROMPTS[2], 7))
+            return head + await tokens(first), [middle, *[await w for w in wave[1:]]], late
+
+    first, wave, late = asyncio.run(run())
+    assert first == reference.generate(PROMPTS[0], max_new_tokens=30, do_sample=False)
+    for prompt, n, got in zip(PROMPTS[1:], (4, 9, 14, 6), wave):
+        assert got == reference.generate(prompt, max_new_tokens=n, do_sample=False), prompt
+    assert late == reference.generate(PROMPTS[2], max_new_tokens=7, do_sample=False)
+
+
+def test_the_eager_backends_decoder_state_keeps_rows_apart(reference):
+    """The backend contract the engine relies on, driven directly: rows prefilled together, one
+    released from the middle (the last row moves into its place), one extended in, all decoding
+    in one forward per step, each equal to generate's tokens for its prompt alone."""
+    from pipeserve.backends.eager import EagerInstance
+
+    instance = EagerInstance(reference.model, torch.device("cpu"))
+    prompts = [reference.ids(p) for p in PROMPTS]
+    wanted = {i: reference.generate(PROMPTS[i], max_new_tokens=N, do_sample=False) for i in range(len(PROMPTS))}
+    logits, state = instance.prefill(prompts[:3])
+    rows = [0, 1, 2]
+    got = {i: [int(t)] for i, t in zip(rows, logits.argmax(-1))}
+    for step in range(N - 1):
+        if step == 2:
+            rows = [rows[i] for i in state.release([0])]
+            got.pop(0)
+        if step == 4:
+            logits, new = instance.prefill(prompts[3:])
+            state.extend(new)
+            rows += [3, 4]
+            got.update({i: [int(t)] for i, t in zip((3, 4), logits.argmax(-1))})
+        logits = instance.decode(state, torch.tensor([got[i][-1] for i in rows]))
+        for i, t in zip(rows, logits.argmax(-1)):
+            got[i].append(int(t))
+    assert state.rows == 4
+    for i in (1, 2):
+        assert got[i] == wanted[i], PROMPTS[i]
+    for i in (3, 4):
+        assert got[i] == wanted[i][: len(got[i])], PROMPTS[i]
 
 
 def test_matches_transformers_pipeline(gen, model_repository):

@@ -17,7 +17,8 @@ from pipeserve.client.tasks.text_generation import GenerationEvent, TextGenerati
 class AsyncTextGenerationPipeline(AsyncRemotePipeline):
     codec: TextGenerationCodec
 
-    async def stream(self, prompt: str, *, timeout: float | None = None, **params: Any) -> AsyncIterator[GenerationEvent]:
+    async def stream(self, prompt: str, *, timeout: float | None = None,
+                     **params: Any) -> AsyncIterator[GenerationEvent]:
         """Yields the generation of one prompt as it happens (the new text only, never the prompt)."""
         request = self.codec.build_stream(prompt, {**self.defaults, **params})
         messages = self._stream(self.stub.GenerateStream, request, timeout)

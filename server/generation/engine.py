@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-
 from pipeserve.backends.base import DecoderState, InstanceDead
 from pipeserve.server.errors import BackendError, DeadlineExceeded, ModelNotReady, Overloaded, PipeserveError
 from pipeserve.server.generation.detokenizer import IncrementalDetokenizer
@@ -346,7 +345,8 @@ class GenerationEngine:
         """Sequences decoding or waiting for a row."""
         return sum(d.load for d in self.decoders)
 
-    def submit(self, make_plan: PlanFactory, deadline: float | None = None, buffer_limit: int | None = None) -> SequenceStream:
+    def submit(self, make_plan: PlanFactory, deadline: float | None = None,
+               buffer_limit: int | None = None) -> SequenceStream:
         """Queues a sequence; its events come through the returned stream. `buffer_limit`: unread
         events before a slow reader's stream ends with RESOURCE_EXHAUSTED (None: unbounded)."""
         if self.closing:

@@ -193,7 +193,7 @@ class DynamicBatcher:
         while self.stats.queued:
             instance = self.group.pick()
             if instance is None:
-                if not self.group.may_serve():
+                if not self._running_batches and not self.group.may_serve():
                     self._fail_all_queued(ModelNotReady(f"model {self.label} has no ready instance; retry later"))
                 return  # a finishing batch or a returning instance schedules again
             now = time.monotonic()

@@ -8,6 +8,7 @@ wants as distributions; a listener is called on the event loop as listener(event
     "queue_seconds"    an input left the queue for a batch; value: the time it waited
     "compute_seconds"  a batch ran (tokenization, forward, decoding); value: its duration
     "batch"            a batch ran; value: its number of inputs
+    "time_to_first_token"  (generation engine) a sequence's first token; value: seconds since arrival
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-EVENTS = ("success_seconds", "failure_seconds", "queue_seconds", "compute_seconds", "batch")
+EVENTS = ("success_seconds", "failure_seconds", "queue_seconds", "compute_seconds", "batch", "time_to_first_token")
 
 
 @dataclass

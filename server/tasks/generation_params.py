@@ -91,7 +91,8 @@ def check_stop_sequences(value: Any) -> tuple[str, ...]:
         if not stop:
             raise InvalidArgument(f"stop_sequences[{i}]", "must not be empty")
         if len(stop) > MAX_STOP_SEQUENCE_CHARS:
-            raise InvalidArgument(f"stop_sequences[{i}]", f"is {len(stop)} characters; at most {MAX_STOP_SEQUENCE_CHARS}")
+            raise InvalidArgument(f"stop_sequences[{i}]",
+                                  f"is {len(stop)} characters; at most {MAX_STOP_SEQUENCE_CHARS}")
     return tuple(value)
 
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-
 from pipeserve.backends.base import Instance
 from pipeserve.server.errors import InvalidArgument
+from pipeserve.server.generation.engine import GenerationLimits
 from pipeserve.server.tasks.base import TaskParams, TokenizingTask, check_float, check_int
 from pipeserve.server.tasks.generation_params import (
     GENERATE_DEFAULTS,
@@ -28,7 +28,6 @@ from pipeserve.server.tasks.generation_params import (
     check_sampling,
     model_generation_config,
 )
-from pipeserve.server.generation.engine import GenerationLimits
 
 # torch's default generator is process-wide and generate() samples from it: a seeded call holds
 # this lock from seeding to its last draw, so that no other sampling thread moves it meanwhile.

@@ -9,7 +9,8 @@ from pipeserve.v1 import seq2seq_generation_pb2 as pb
 FIELDS = frozenset(f.name for f in pb.Seq2SeqGenerationParameters.DESCRIPTOR.fields)
 
 
-def parameters(task: str, params: dict[str, Any], extra: frozenset[str] = frozenset()) -> pb.Seq2SeqGenerationParameters:
+def parameters(task: str, params: dict[str, Any],
+               extra: frozenset[str] = frozenset()) -> pb.Seq2SeqGenerationParameters:
     """generate() keyword arguments as a Seq2SeqGenerationParameters message."""
     unknown = sorted(set(params) - FIELDS - extra - {"clean_up_tokenization_spaces"})
     if unknown:

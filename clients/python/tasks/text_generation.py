@@ -89,7 +89,8 @@ class TextGenerationCodec(TaskCodec):
 
     @staticmethod
     def event(message: pb.GenerateStreamResponse) -> GenerationEvent:
-        event = GenerationEvent(text=message.text, token_ids=list(message.token_ids), logprobs=logprobs(message.logprobs))
+        event = GenerationEvent(text=message.text, token_ids=list(message.token_ids),
+                                logprobs=logprobs(message.logprobs))
         if message.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             event.finish_reason = _FINISH_REASONS.get(message.finish_reason, "unknown")
             event.usage = {"prompt_tokens": message.usage.prompt_tokens,
