@@ -74,42 +74,61 @@ def _log_line(rpc: str, task: str, code: str, started: float) -> None:
         )
 
 
+class _CallScope:
+    """One call's bookkeeping around the servicer's code: the drain gate, the mapping of errors
+    to statuses (typed errors keep their code, anything else is INTERNAL), and the log line."""
+
+    __slots__ = ("rpc", "task", "context", "gate", "started")
+
+    def __init__(self, servicer: Any, rpc: str, task: str, context: grpc.aio.ServicerContext):
+        self.rpc, self.task, self.context = rpc, task, context
+        self.gate = servicer.plane.gate
+
+    async def __aenter__(self) -> None:
+        self.started = time.perf_counter()
+        request_model.set("")
+        try:
+            self.gate.enter()
+        except PipeserveError as exc:
+            _log_line(self.rpc, self.task, exc.code, self.started)
+            await self.context.abort(status_code(exc), details(exc.message))
+        try:
+            request_priority.set(priority_of(self.context))
+        except PipeserveError as exc:
+            await self.__aexit__(type(exc), exc, None)
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        code = "OK"
+        try:
+            if exc is None:
+                return False
+            if isinstance(exc, PipeserveError):
+                code = exc.code
+                await self.context.abort(status_code(exc), details(exc.message))
+            elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                code = "CANCELLED"
+            elif isinstance(exc, grpc.aio.AbortError):
+                code = "ABORTED_BY_HANDLER"
+            elif isinstance(exc, Exception):
+                code = "INTERNAL"
+                log.error("rpc %s failed", self.rpc, exc_info=exc)
+                await self.context.abort(grpc.StatusCode.INTERNAL, details(f"internal error: {type(exc).__name__}: {exc}"))
+            return False
+        finally:
+            self.gate.exit()
+            _log_line(self.rpc, self.task, code, self.started)
+
+
 def unary_rpc(task: str = "") -> Callable:
-    """Wraps a unary servicer method: typed errors become statuses, anything else INTERNAL."""
+    """Wraps a unary servicer method in a _CallScope."""
 
     def decorate(method: Callable) -> Callable:
         rpc = method.__name__
 
         @functools.wraps(method)
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            request_model.set("")
-            code = "OK"
-            gate = self.plane.gate
-            try:
-                gate.enter()
-            except PipeserveError as exc:
-                _log_line(rpc, task, exc.code, started)
-                await context.abort(status_code(exc), details(exc.message))
-            try:
-                request_priority.set(priority_of(context))
+            async with _CallScope(self, rpc, task, context):
                 return await method(self, request, context)
-            except PipeserveError as exc:
-                code = exc.code
-                await context.abort(status_code(exc), details(exc.message))
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except Exception as exc:
-                if isinstance(exc, grpc.aio.AbortError):
-                    code = "ABORTED_BY_HANDLER"
-                    raise
-                code = "INTERNAL"
-                log.exception("rpc %s failed", rpc)
-                await context.abort(grpc.StatusCode.INTERNAL, details(f"internal error: {type(exc).__name__}: {exc}"))
-            finally:
-                gate.exit()
-                _log_line(rpc, task, code, started)
 
         return wrapper
 
@@ -117,41 +136,16 @@ def unary_rpc(task: str = "") -> Callable:
 
 
 def stream_rpc(task: str = "") -> Callable:
-    """Wraps a server-streaming servicer method (an async generator) like `unary_rpc`."""
+    """Wraps a server-streaming servicer method (an async generator) in a _CallScope."""
 
     def decorate(method: Callable) -> Callable:
         rpc = method.__name__
 
         @functools.wraps(method)
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            request_model.set("")
-            code = "OK"
-            gate = self.plane.gate
-            try:
-                gate.enter()
-            except PipeserveError as exc:
-                _log_line(rpc, task, exc.code, started)
-                await context.abort(status_code(exc), details(exc.message))
-            try:
-                request_priority.set(priority_of(context))
+            async with _CallScope(self, rpc, task, context):
                 async for message in method(self, request, context):
                     yield message
-            except PipeserveError as exc:
-                code = exc.code
-                await context.abort(status_code(exc), details(exc.message))
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except Exception as exc:
-                if isinstance(exc, grpc.aio.AbortError):
-                    raise
-                code = "INTERNAL"
-                log.exception("rpc %s failed", rpc)
-                await context.abort(grpc.StatusCode.INTERNAL, details(f"internal error: {type(exc).__name__}: {exc}"))
-            finally:
-                gate.exit()
-                _log_line(rpc, task, code, started)
 
         return wrapper
 
