@@ -168,8 +168,8 @@ class RowCache(Cache, DecoderState):
         have_rows, have_len = keys.shape[0], keys.shape[2]
         if rows <= have_rows and length <= have_len:
             return
-        new_rows = max(rows, have_rows if rows <= have_rows else 2 * have_rows)
-        new_len = length if length <= have_len else max(length, have_len + have_len // 2)
+        new_rows = have_rows if rows <= have_rows else max(rows, 2 * have_rows)
+        new_len = have_len if length <= have_len else max(length, have_len + have_len // 2)
         new_len = -(-new_len // _LENGTH_QUANTUM) * _LENGTH_QUANTUM
         n, used = self._rows, int(self.lengths[: self._rows].max()) if self._rows else 0
         for layer in self.layers:

@@ -119,7 +119,8 @@ class Measurement:
 
     def as_dict(self) -> dict:
         return {"model": self.model, "mode": self.mode, "concurrency": self.concurrency, "items": self.items,
-                "seconds": self.seconds, "per_second": self.rate, "p50_ms": self.p50_ms, "p99_ms": self.p99_ms}
+                "seconds": self.seconds, "per_second": self.rate, "p50_ms": self.p50_ms, "p99_ms": self.p99_ms,
+                "batch_sizes": self.batch_sizes}
 
 
 async def closed_loop(

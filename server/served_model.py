@@ -15,7 +15,13 @@ from pipeserve.backends.registry import create_backend
 from pipeserve.server.errors import DeadlineExceeded, InvalidArgument, Unimplemented
 from pipeserve.server.repository.repository import ModelVersionSource
 from pipeserve.server.scheduling.batcher import DynamicBatcher
-from pipeserve.server.scheduling.instances import InstanceGroup, ModelInstance, cpu_threads_per_instance, plan_devices
+from pipeserve.server.scheduling.instances import (
+    INTRA_OP_THREADS,
+    InstanceGroup,
+    ModelInstance,
+    cpu_threads_per_instance,
+    plan_devices,
+)
 from pipeserve.server.scheduling.stats import ModelStats
 from pipeserve.server.scheduling.work import Request, WorkItem
 from pipeserve.server.tasks.base import Task, TaskContext, TaskParams
@@ -110,7 +116,8 @@ class ServedModel:
             output_names=task_cls.output_names,
         )
         devices = backend.devices(plan_devices(list(config.instance_group)))
-        threads = cpu_threads_per_instance(sum(1 for d in devices if d.type == "cpu"))
+        threads = cpu_threads_per_instance(sum(1 for d in devices if d.type == "cpu"),
+                                           requested=config.backend_parameters.get(INTRA_OP_THREADS, ""))
         instances = []
         try:
             for index, device in enumerate(devices):

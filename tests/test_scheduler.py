@@ -9,6 +9,7 @@ test opens the gate, so what is queued and what runs is known, not guessed from 
 from __future__ import annotations
 
 import asyncio
+import random
 import statistics as stats_lib
 import sys
 import time
@@ -20,6 +21,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pipeserve.server.scheduling.cost import BatchCostModel
 from pipeserve.server.scheduling.instances import cpu_threads_per_instance, plan_devices
 from pipeserve.v1 import model_config_pb2
 from pipeserve.v1 import model_service_pb2 as ms
@@ -67,6 +69,7 @@ MODELS = {
                       'dynamic_batching { priority_levels: 2 default_priority_level: 2 }',
     "gated-instances": 'backend: "gated" max_batch_size: 8 dynamic_batching { } '
                        'instance_group [ { count: 2 kind: KIND_CPU } ]',
+    "one-thread": 'max_batch_size: 8 backend_parameters { key: "intra_op_threads" value: "1" }',
     # Waits up to 10 s for company: a batch goes early only because it is full or preferred.
     "delayed": 'max_batch_size: 4 dynamic_batching { max_queue_delay_microseconds: 10000000 }',
     "preferred": 'max_batch_size: 8 dynamic_batching { max_queue_delay_microseconds: 10000000 '
@@ -190,13 +193,35 @@ def test_queued_inputs_are_grouped_by_length(sched: ServerThread) -> None:
     texts = [text(2) if i % 2 == 0 else text(30) for i in range(8)]
     with grpc.insecure_channel(sched.target) as channel:
         with Held(sched.target, "gated-group") as held:
-            calls = [classify_stub(channel).Classify.future(request("gated-group", t), timeout=60) for t in texts]
+            stub = classify_stub(channel)
+            calls = [stub.Classify.future(request("gated-group", texts[0]), timeout=60)]
+            wait_until(lambda: statistics(sched.target, "gated-group").queued == 1, what="the oldest queued")
+            calls += [stub.Classify.future(request("gated-group", t), timeout=60) for t in texts[1:]]
             wait_until(lambda: statistics(sched.target, "gated-group").queued == 8, what="eight queued")
         for call in calls:
             call.result()
     short, long = held.batches()
     assert short[0] == 4 and long[0] == 4
     assert short[1] < 10 < long[1], held.batches()
+
+
+def test_the_learned_cost_fills_batches_of_a_cheap_model_and_groups_lengths_for_a_costly_one() -> None:
+    rng = random.Random(0)
+    sizes = sorted(rng.randint(50, 300) for _ in range(64))
+    head = 31
+    cheap, costly = BatchCostModel(), BatchCostModel()
+    for _ in range(32):
+        n, longest = rng.randint(1, 32), rng.randint(50, 300)
+        cheap.observe(n, longest, 0.002 + 1e-6 * n * longest)  # a fixed cost per pass dominates
+        costly.observe(n, longest, 0.040 + 2e-4 * n * longest)  # padded length dominates
+    assert cheap.coefficients and costly.coefficients
+    assert costly.coefficients[0] == pytest.approx(0.040, rel=1e-3)
+    assert costly.coefficients[1] == pytest.approx(2e-4, rel=1e-3)
+    assert cheap.choose(sizes, head, 32)[1] == 32
+    start, n = costly.choose(sizes, head, 32)
+    window = sizes[start:start + n]
+    assert 1 < n < 32 and start <= head < start + n
+    assert n * window[-1] - sum(window) < 0.1 * n * window[-1]  # under 10% of the batch is padding
 
 
 def test_a_full_batch_goes_at_once_without_waiting_the_queue_delay(sched: ServerThread) -> None:
@@ -334,8 +359,10 @@ def test_instances_split_the_cores_and_work_goes_to_the_idle_one(sched: ServerTh
     instances = served.group.instances
     assert [inst.device.type for inst in instances] == ["cpu", "cpu"]
     share = cpu_threads_per_instance(2)
-    # Each worker thread runs with its share of torch's intra-op threads.
+    # Each worker thread runs with its share of torch's intra-op threads, or the count asked for.
     assert [inst.executor.submit(torch.get_num_threads).result(10) for inst in instances] == [share, share]
+    alone = sched.call(lambda: sched.server.registry.get("one-thread")).group.instances
+    assert [inst.executor.submit(torch.get_num_threads).result(10) for inst in alone] == [1]
     with grpc.insecure_channel(sched.target) as channel:
         stub = classify_stub(channel)
         with Held(sched.target, "gated-instances") as held:
@@ -352,6 +379,9 @@ def test_instance_groups_expand_to_count_times_devices() -> None:
     devices = plan_devices([group(count=3, kind=group.KIND_CPU)])
     assert [str(d) for d in devices] == ["cpu"] * 3
     assert cpu_threads_per_instance(3, cores=8) == 2 and cpu_threads_per_instance(4, cores=2) == 1
+    assert cpu_threads_per_instance(1, cores=8, requested="3") == 3
+    with pytest.raises(ValueError, match="intra_op_threads"):
+        cpu_threads_per_instance(1, requested="0")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="KIND_GPU"):
             plan_devices([group(count=1, kind=group.KIND_GPU, gpus=[0])])

@@ -247,9 +247,13 @@ class DynamicBatcher:
         key = head.batch_key
         limit = self.max_batch_size * GROUPING_WINDOW
         candidates: list[WorkItem] = []
+        urgent = 0
         for level in range(head.request.level, len(self.queues)):
-            if len(candidates) >= self.max_batch_size:
-                break  # lower levels only fill a batch that the more urgent ones cannot
+            if level > head.request.level:
+                if len(candidates) >= self.max_batch_size:
+                    break
+                # Less urgent inputs only fill a batch that the more urgent ones cannot.
+                limit = self.max_batch_size
             for item in self.queues[level]:
                 request = item.request
                 if request.done or request.expired(now):
@@ -258,9 +262,11 @@ class DynamicBatcher:
                     candidates.append(item)
                     if len(candidates) >= limit:
                         break
+            urgent = urgent or len(candidates)
         target = self._target_size(len(candidates))
         # Preferred sizes are the user's choice of batch size; grouping then only picks the inputs.
-        learned = self.cost.coefficients is not None and not self.preferred
+        # A batch filled from a less urgent level takes them all, so that no urgent input is left.
+        learned = self.cost.coefficients is not None and not self.preferred and urgent == len(candidates)
         if len(candidates) > target or (learned and len(candidates) > 1):
             candidates.sort(key=_size)
             start, n = self.cost.choose([it.size for it in candidates], candidates.index(head), target,

@@ -57,8 +57,18 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def cpu_threads_per_instance(cpu_instances: int, cores: int | None = None) -> int:
-    """Splits the cores among CPU instances so that together they do not oversubscribe them."""
+# backend_parameters key that sets each CPU instance's intra-op threads (Triton's PyTorch backend
+# has the same knob); without it the cores are split evenly among the model's CPU instances.
+INTRA_OP_THREADS = "intra_op_threads"
+
+
+def cpu_threads_per_instance(cpu_instances: int, cores: int | None = None, requested: str = "") -> int:
+    """Splits the cores among CPU instances so that together they do not oversubscribe them, or
+    takes the count the config asks for."""
+    if requested:
+        if not requested.isdigit() or int(requested) < 1:
+            raise ValueError(f"backend_parameters.{INTRA_OP_THREADS} must be a whole number >= 1, got {requested!r}")
+        return int(requested)
     cores = available_cores() if cores is None else cores
     return max(1, cores // max(1, cpu_instances))
 
