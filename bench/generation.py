@@ -56,6 +56,13 @@ class Load:
     steps: dict[int, int] = field(default_factory=dict)
     # generate 1-by-1 tokens/s measured just before and after this load (the machine is shared).
     local_baseline: float = 0.0
+    # Time the server's decode steps took in the window (the rest: prefill steps and idling).
+    decode_seconds: float = 0.0
+
+    @property
+    def decode_step_ms(self) -> float:
+        steps = sum(self.steps.values())
+        return self.decode_seconds / steps * 1e3 if steps else 0.0
 
     @property
     def rate(self) -> float:
@@ -77,7 +84,9 @@ class Load:
     def as_dict(self) -> dict:
         return {"mode": self.mode, "concurrency": self.concurrency, "tokens": self.tokens, "seconds": self.seconds,
                 "tokens_per_second": self.rate, "ttft_p50_ms": self.ttft_p50_ms, "ttft_p99_ms": self.ttft_p99_ms,
-                "mean_decode_rows": self.mean_rows, "generate_1_by_1_around": self.local_baseline}
+                "mean_decode_rows": self.mean_rows, "decode_step_ms": self.decode_step_ms,
+                "decode_share_of_window": self.decode_seconds / self.seconds if self.seconds else 0.0,
+                "generate_1_by_1_around": self.local_baseline}
 
 
 def build_model() -> Path:
@@ -181,19 +190,20 @@ async def measure_streams(target: str, concurrency: int, requests: list[tuple[st
                     tokens += len(message.token_ids)
             n += concurrency
 
-    async def decode_steps() -> dict[int, int]:
+    async def decode_steps() -> tuple[dict[int, int], int]:
+        """(decode steps by rows, nanoseconds the decode steps took) so far."""
         async with grpc.aio.insecure_channel(target) as channel:
             reply = await ms_grpc.ModelServiceStub(channel).GetModelStatistics(ms.GetModelStatisticsRequest(name=MODEL))
-        return dict(reply.models[0].batch_sizes)
+        return dict(reply.models[0].batch_sizes), reply.models[0].compute.total_ns
 
     try:
         for channel in channels:
             await channel.channel_ready()
         tasks = [asyncio.create_task(client(i, ch)) for i, ch in enumerate(channels)]
         await asyncio.sleep(opens - time.perf_counter())
-        before = await decode_steps()
+        before, before_ns = await decode_steps()
         await asyncio.sleep(closes - time.perf_counter())
-        after = await decode_steps()
+        after, after_ns = await decode_steps()
         for task in tasks:
             task.cancel()  # the streams still running are cancelled: the server drops them
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -201,7 +211,9 @@ async def measure_streams(target: str, concurrency: int, requests: list[tuple[st
         for channel in channels:
             await channel.close()
     steps = {rows: after[rows] - before.get(rows, 0) for rows in after if after[rows] > before.get(rows, 0)}
-    return Load("server", concurrency, tokens, WINDOW, ttft, dict(sorted(steps.items())))
+    load = Load("server", concurrency, tokens, WINDOW, ttft, dict(sorted(steps.items())))
+    load.decode_seconds = (after_ns - before_ns) / 1e9
+    return load
 
 
 # -- the report -------------------------------------------------------------------------------------
@@ -229,9 +241,13 @@ def report(baseline: Load, loads: list[Load]) -> str:
         around = f"{load.rate / load.local_baseline:.2f}x" if load.local_baseline else "-"
         rows.append((load.mode, str(load.concurrency), f"{load.rate:.1f}", f"{load.rate / baseline.rate:.2f}x", around,
                      f"{load.ttft_p50_ms:.0f}", f"{load.ttft_p99_ms:.0f}",
-                     f"{load.mean_rows:.1f}" if load.steps else "-"))
+                     f"{load.mean_rows:.1f}" if load.steps else "-",
+                     f"{load.decode_step_ms:.0f}" if load.steps else "-",
+                     f"{load.decode_seconds / load.seconds:.0%}" if load.steps else "-"))
     lines = [table(rows, ("mode", "streams", "tokens/s", "vs 1-by-1", "vs slices around", "TTFT p50 ms",
-                          "TTFT p99 ms", "rows/step"))]
+                          "TTFT p99 ms", "rows/step", "decode step ms", "decoding"))]
+    lines.append("(decoding: the share of the window the server spent in decode steps; the rest went to prefill "
+                 "steps, between-step work and idling)")
     lines.append("(generate 1-by-1 TTFT: generate(max_new_tokens=1) in-process, no gRPC)")
     lines.append("\ntargets")
     for name, measured, met in targets(baseline, loads):

@@ -137,7 +137,10 @@ class DynamicBatcher:
             item.enqueued_at = now
             queue.append(item)
         stats.queued += len(items)
-        self._poke()
+        if self._solo_streak >= SOLO_STREAK and not self._poke_pending:
+            self._schedule()  # alone: nothing to merge with, so no loop iteration is spent waiting
+        else:
+            self._poke()
 
     def withdraw(self, request: Request, items: Sequence[WorkItem]) -> None:
         """Takes a request's inputs that are still queued out of the queue, at once."""
