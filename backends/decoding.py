@@ -210,6 +210,7 @@ class CausalLMStepper:
         if layer_types and any(t != "full_attention" for t in layer_types):
             raise NotImplementedError("step-wise decoding supports full-attention models only; "
                                       f"this one has layers {sorted(set(layer_types))}")
+        self._attention()
         parameters = inspect.signature(model.forward).parameters
         # transformers renamed past_key_values to cache in 5.x; take whichever this version has.
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"

@@ -21,6 +21,7 @@ class EagerInstance(Instance):
         self.device = device
         # Step-wise decoding (text-generation), made on first use.
         self._decoding: Any = None
+        self.decoding_unsupported = ""
         # Each GPU instance queues its work on its own stream so that instances sharing a GPU overlap.
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -50,6 +51,16 @@ class EagerInstance(Instance):
     def decode(self, state: DecoderState, tokens: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self._on_stream():
             return self._stepper().decode(state, tokens, self.device)
+
+    @property
+    def supports_decoding(self) -> bool:
+        """True for the causal LMs the RowCache path handles; else the reason is in `decoding_unsupported`."""
+        try:
+            self._stepper()
+        except NotImplementedError as exc:
+            self.decoding_unsupported = str(exc)
+            return False
+        return True
 
     def _stepper(self) -> Any:
         if self._decoding is None:

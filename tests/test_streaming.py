@@ -168,3 +168,23 @@ def test_sequences_beyond_the_rows_wait_and_a_cancelled_waiting_one_leaves_at_on
             return done[-1].usage.generated_tokens
 
     assert asyncio.run(run()) == 5
+
+
+def test_an_engine_that_closes_ends_running_streams_with_cancelled(small_engine):
+    # Runs last: the model stops taking sequences (as when it unloads and its grace is over).
+    target, model = small_engine.target, "gpt2-small-buffer"
+    with grpc.insecure_channel(target) as channel:
+        call = stub(channel).GenerateStream(pb.GenerateStreamRequest(
+            model=model, input=PROMPTS[0], parameters=params(max_new_tokens=400, do_sample=False)))
+        first = next(call)
+        engine = small_engine.server.registry.get(model).engine
+        small_engine.run(engine.close(grace=0))
+        rest = list(call)
+        tokens = len(first.token_ids) + sum(len(m.token_ids) for m in rest)
+        assert rest[-1].finish_reason == pb.FINISH_REASON_CANCELLED
+        assert rest[-1].usage.generated_tokens >= tokens and tokens < 400
+        expect_unavailable = stub(channel).GenerateStream(pb.GenerateStreamRequest(model=model, input="Hello"))
+        with pytest.raises(grpc.RpcError) as caught:
+            list(expect_unavailable)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert idle(target, model)

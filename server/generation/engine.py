@@ -113,6 +113,8 @@ class InstanceDecoder:
         self.state: DecoderState | None = None
         # Taken from `waiting` for the prefill step in progress.
         self._admitting: list[_Sequence] = []
+        # Set by a step whose backend instance died (InstanceDead); handled on the event loop.
+        self._died: InstanceDead | None = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -137,6 +139,20 @@ class InstanceDecoder:
 
     def wake(self) -> None:
         self._wakeup.set()
+
+    def cancel_all(self) -> None:
+        """Ends every sequence now with finish reason "cancelled" (the engine is closing)."""
+        for seq in [*self.waiting, *self._admitting, *self.running]:
+            seq.stop_requested = True  # the next step drops its row
+            plan = seq.plan
+            seq.stream.push(TokenEvent(
+                finish_reason=FinishReason.CANCELLED,
+                prompt_tokens=len(plan.prompt_ids) if plan is not None else 0,
+                generated_tokens=len(seq.generated),
+                time_to_first_token=(seq.first_token_at - seq.arrived) if seq.first_token_at is not None else 0.0,
+            ))
+        self.waiting.clear()
+        self.wake()
 
     # -- the loop (event loop side) ------------------------------------------------------------
 
@@ -170,12 +186,25 @@ class InstanceDecoder:
             self._admitting = []
             self.waiting.extendleft(reversed(deferred))
             self.engine.deliver(outcome)
+            self._after_death()
         if self.running:
             started = time.perf_counter()
             outcome, rows = await loop.run_in_executor(executor, self._decode_step)
             if rows:
                 self.engine.record_step(rows, time.perf_counter() - started)
             self.engine.deliver(outcome)
+            self._after_death()
+
+    def _after_death(self) -> None:
+        """The instance died during the step: it is replaced as the batcher replaces one (its
+        sequences have failed with UNAVAILABLE; new ones wait for the replacement)."""
+        died, self._died = self._died, None
+        if died is None:
+            return
+        hook = self.engine.on_instance_dead
+        self.instance.state = "restarting" if hook is not None else "dead"
+        if hook is not None:
+            hook(self.instance, died)
 
     # -- the steps (worker thread) -------------------------------------------------------------
 
@@ -266,6 +295,7 @@ class InstanceDecoder:
         if isinstance(exc, PipeserveError):
             error: PipeserveError = exc
         elif isinstance(exc, InstanceDead):
+            self._died = exc
             error = ModelNotReady(f"model {self.engine.label}: the instance died: {exc}")
         else:
             log.exception("model %s failed during a generation step", self.engine.label, exc_info=exc)
@@ -329,10 +359,13 @@ class InstanceDecoder:
 class GenerationEngine:
     """Continuous batching for one model version: one InstanceDecoder per instance."""
 
-    def __init__(self, label: str, group: InstanceGroup, limits: GenerationLimits, stats: ModelStats):
+    def __init__(self, label: str, group: InstanceGroup, limits: GenerationLimits, stats: ModelStats,
+                 on_instance_dead: Callable[[ModelInstance, InstanceDead], None] | None = None):
         self.label = label
         self.limits = limits
         self.stats = stats
+        # Replaces an instance whose backend raised InstanceDead (the model's restart policy).
+        self.on_instance_dead = on_instance_dead
         self.closing = False
         self.decoders = [InstanceDecoder(instance, self) for instance in group.instances]
 
@@ -395,12 +428,18 @@ class GenerationEngine:
     def update_stats(self) -> None:
         self.stats.active_sequences = self.active_sequences
 
-    async def close(self) -> None:
-        """Takes no new sequences; returns once those in flight have finished."""
+    async def close(self, grace: float = 30.0) -> None:
+        """Takes no new sequences; lets those in flight finish for up to `grace` seconds, then ends
+        the rest with finish reason "cancelled" (their readers get a last message, not an error)."""
         self.closing = True
-        tasks = [d._task for d in self.decoders if d._task is not None]
+        tasks = [d._task for d in self.decoders if d._task is not None and not d._task.done()]
         for decoder in self.decoders:
             decoder.wake()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        if pending:
+            for decoder in self.decoders:
+                decoder.cancel_all()
+            await asyncio.gather(*pending, return_exceptions=True)
         self.update_stats()

@@ -79,11 +79,14 @@ class TextGenerationTask(TokenizingTask):
     def start_engine(self, served: Any) -> GenerationEngine:
         """Called by ServedModel once the instances are loaded."""
         for inst in served.group.instances:
-            if not inst.backend_instance.supports_decoding:
+            backend_instance = inst.backend_instance
+            if not backend_instance.supports_decoding:
+                reason = getattr(backend_instance, "decoding_unsupported", "") or \
+                    "its instances have no step-wise decoding (Instance.prefill/decode); use backend: \"eager\""
                 raise ConfigError(f"{self.config.name}/config.pbtxt", "backend",
-                                  f"{self.config.backend!r} cannot serve text-generation: its instances have no "
-                                  "step-wise decoding (Instance.prefill/decode); use backend: \"eager\"")
-        engine = GenerationEngine(served.label, served.group, self.limits, served.stats)
+                                  f"{self.config.backend!r} cannot serve this model for text-generation: {reason}")
+        engine = GenerationEngine(served.label, served.group, self.limits, served.stats,
+                                  on_instance_dead=getattr(served.batcher, "on_instance_dead", None))
         engine.start()
         return engine
 
@@ -102,7 +105,8 @@ class TextGenerationTask(TokenizingTask):
         return_full_text = True if return_full_text is None else check_bool("return_full_text", return_full_text)
         n = check_int("num_return_sequences", params.get("num_return_sequences") or 1, 1, MAX_RETURN_SEQUENCES)
         if n > 1 and not resolved["do_sample"]:
-            raise InvalidArgument("num_return_sequences", "must be 1 with greedy decoding (set do_sample to sample several)")
+            raise InvalidArgument("num_return_sequences",
+                                  "must be 1 with greedy decoding (set do_sample to sample several)")
         top_logprobs = None
         if params.get("logprobs"):
             top_logprobs = check_int("top_logprobs", params.get("top_logprobs") or 0, 0, MAX_TOP_LOGPROBS)
@@ -188,7 +192,8 @@ class TextGenerationTask(TokenizingTask):
         return [[self.result(prompt, o, options) for o in outcomes[i * n : (i + 1) * n]]
                 for i, prompt in enumerate(inputs)]
 
-    def stream(self, engine: GenerationEngine, prompt: str, params: TaskParams, deadline: float | None) -> SequenceStream:
+    def stream(self, engine: GenerationEngine, prompt: str, params: TaskParams,
+               deadline: float | None) -> SequenceStream:
         """One prompt's sequence, its events as they come (bounded by generation.max_stream_buffer)."""
         options: GenerationOptions = params.post
         if options.num_return_sequences != 1:
