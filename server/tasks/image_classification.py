@@ -18,11 +18,10 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 
 from pipeserve.server.errors import InvalidArgument
 from pipeserve.server.tasks.base import Task, TaskParams, check_int
-from pipeserve.server.tasks.text_classification import FUNCTIONS, sigmoid, softmax
+from pipeserve.server.tasks.text_classification import FUNCTIONS, rank_labels
 
 DEFAULT_TOP_K = 5
 DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -100,18 +99,8 @@ class ImageClassificationTask(Task):
 
     def postprocess(self, inputs, features, outputs, posts: Sequence[ImageClassificationPost]) -> list[Any]:
         logits = outputs["logits"].float().numpy()
-        return [self._scores(row, post) for row, post in zip(logits, posts)]
+        return [rank_labels(row, self.labels, post.function, post.top_k) for row, post in zip(logits, posts)]
 
-    def _scores(self, logits: np.ndarray, post: ImageClassificationPost) -> list[dict[str, Any]]:
-        if post.function == "softmax":
-            scores = softmax(logits)
-        elif post.function == "sigmoid":
-            scores = sigmoid(logits)
-        else:
-            scores = logits
-        ranked = sorted(({"label": self.labels[i], "score": float(s)} for i, s in enumerate(scores)),
-                        key=lambda d: d["score"], reverse=True)
-        return ranked[: post.top_k]
 
 
 def _open(field: str, data: bytes | bytearray) -> Any:

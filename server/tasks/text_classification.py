@@ -29,6 +29,20 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def rank_labels(logits: np.ndarray, labels: Sequence[str], function: str, top_k: int | None) -> list[dict[str, Any]]:
+    """Scores one row of logits (softmax, sigmoid or none) and returns its labels best first,
+    the top_k of them (every label for None), as transformers' classification pipelines do."""
+    if function == "softmax":
+        scores = softmax(logits)
+    elif function == "sigmoid":
+        scores = sigmoid(logits)
+    else:
+        scores = logits
+    ranked = sorted(({"label": labels[i], "score": float(s)} for i, s in enumerate(scores)),
+                    key=lambda d: d["score"], reverse=True)
+    return ranked[:top_k]
+
+
 class TextClassificationTask(TokenizingTask):
     name = "text-classification"
     aliases = ("sentiment-analysis",)
@@ -82,18 +96,4 @@ class TextClassificationTask(TokenizingTask):
 
     def postprocess(self, inputs, features, outputs, posts: Sequence[ClassificationPost]) -> list[Any]:
         logits = outputs["logits"].float().numpy()
-        return [self._scores(row, post) for row, post in zip(logits, posts)]
-
-    def _scores(self, logits: np.ndarray, post: ClassificationPost) -> list[dict[str, Any]]:
-        if post.function == "softmax":
-            scores = softmax(logits)
-        elif post.function == "sigmoid":
-            scores = sigmoid(logits)
-        else:
-            scores = logits
-        ranked = sorted(
-            ({"label": self.labels[i], "score": float(s)} for i, s in enumerate(scores)),
-            key=lambda d: d["score"],
-            reverse=True,
-        )
-        return ranked if post.top_k is None else ranked[: post.top_k]
+        return [rank_labels(row, self.labels, post.function, post.top_k) for row, post in zip(logits, posts)]
