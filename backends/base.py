@@ -3,7 +3,8 @@
 A backend sees tensors and devices, never text, tasks or protocols. Like Triton's backends it has
 three moves: `load` (initialize) a model for a device, `Instance.run` (execute) a batch of named
 tensors, `Instance.close` (finalize). Generation adds optional steps that the generation engine
-drives (`generate`, and `prefill`/`decode` with cache handles) where a backend supports them.
+drives (`generate`, and `prefill`/`decode` with cache handles, or `step` for both at once) where a
+backend supports them.
 
 A backend is a class registered under the entry-point group ``pipeserve.backends``; a third
 party adds one from its own package without touching the server:
@@ -114,6 +115,23 @@ class Instance(abc.ABC):
     @property
     def supports_decoding(self) -> bool:
         return type(self).decode is not Instance.decode
+
+    def step(self, state: DecoderState | None, tokens: torch.Tensor,
+             prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
+        """Optional (`supports_joint_steps`): a decode step and a prefill in ONE forward, so that the
+        weights are read once for both. Every row of `state` (None: no rows yet) advances by its
+        token in `tokens` [rows], and `prompts` join as new rows after them. Returns the logits
+        [rows + len(prompts), vocab] (float32, CPU: the rows' next tokens, then each prompt's last
+        position) and the state with the prompts' rows appended."""
+        raise NotImplementedError(f"{type(self).__name__} does not support joint steps")
+
+    @property
+    def supports_joint_steps(self) -> bool:
+        return type(self).step is not Instance.step
+
+    def warm_up(self) -> None:
+        """Runs once in the instance's worker thread before the instance takes work, and again
+        after it is reloaded: for preparation that depends on that thread (its thread counts)."""
 
     def ready(self) -> bool:
         """False while the instance cannot run work (a remote server is down)."""

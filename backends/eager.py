@@ -11,14 +11,20 @@ import torch
 import transformers
 
 from pipeserve.backends.base import Backend, DecoderState, Instance, ModelSpec
+from pipeserve.backends.cpu_matmul import MODES as MATMUL_MODES
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class EagerInstance(Instance):
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    def __init__(self, model: torch.nn.Module, device: torch.device, cpu_matmul: str = "torch",
+                 matmul_threads: int | None = None):
         self.model = model
         self.device = device
+        # How CPU linear layers multiply (cpu_matmul.py): settled by warm_up (or the first call), in
+        # the worker thread, whose thread counts the timing must see.
+        self._cpu_matmul = cpu_matmul if device.type == "cpu" else "torch"
+        self._matmul_threads = matmul_threads
         # Step-wise decoding (text-generation), made on first use.
         self._decoding: Any = None
         self.decoding_unsupported = ""
@@ -33,7 +39,18 @@ class EagerInstance(Instance):
             return inputs
         return {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
 
+    def warm_up(self) -> None:
+        self._route_matmuls()
+
+    def _route_matmuls(self) -> None:
+        if self._cpu_matmul != "torch":
+            from pipeserve.backends.cpu_matmul import route_linear_layers
+
+            mode, self._cpu_matmul = self._cpu_matmul, "torch"
+            route_linear_layers(self.model, mode, self._matmul_threads)
+
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self._route_matmuls()
         with torch.inference_mode(), self._on_stream():
             outputs = self.model(**self._to_device(inputs), return_dict=True)
             result = {k: v.float().cpu() if v.is_floating_point() else v.cpu()
@@ -41,16 +58,28 @@ class EagerInstance(Instance):
         return result
 
     def generate(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        self._route_matmuls()
         with torch.inference_mode(), self._on_stream():
             return self.model.generate(**self._to_device(inputs), **kwargs).cpu()
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
+        self._route_matmuls()
         with torch.inference_mode(), self._on_stream():
             return self._stepper().prefill(prompts, self.device)
 
     def decode(self, state: DecoderState, tokens: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self._on_stream():
             return self._stepper().decode(state, tokens, self.device)
+
+    def step(self, state: DecoderState | None, tokens: torch.Tensor,
+             prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
+        self._route_matmuls()
+        with torch.inference_mode(), self._on_stream():
+            return self._stepper().step(state, tokens, prompts, self.device)
+
+    @property
+    def supports_joint_steps(self) -> bool:
+        return self.supports_decoding and self._stepper().joins_prompts
 
     @property
     def supports_decoding(self) -> bool:
@@ -115,4 +144,11 @@ class EagerBackend(Backend):
             kwargs["use_safetensors"] = True
         model = model_class.from_pretrained(source, **kwargs)
         model.to(device).eval()
-        return EagerInstance(model, device)
+        cpu_matmul = spec.parameters.get("cpu_matmul", "auto")
+        if cpu_matmul not in MATMUL_MODES:
+            raise ValueError(f"backend_parameters.cpu_matmul must be one of {', '.join(MATMUL_MODES)}, "
+                             f"got {cpu_matmul!r}")
+        threads = spec.parameters.get("matmul_threads", "")
+        if threads and (not threads.isdigit() or int(threads) < 1):
+            raise ValueError(f"backend_parameters.matmul_threads must be a whole number >= 1, got {threads!r}")
+        return EagerInstance(model, device, cpu_matmul, int(threads) if threads else None)

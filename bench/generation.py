@@ -10,8 +10,9 @@ requests (greedy; prompts of 8 to 64 tokens; 32 to 96 new tokens each):
 For each load: aggregate generated tokens/s (tokens received in the measured window), the ratio to
 generate 1-by-1 (over the whole run, and to the slices just before and after the load: the
 machine is shared, so what it gives drifts), time to first token (client side) p50/p99, and the
-rows the server's decode steps ran. Targets (issue 5): >= 5x the 1-by-1 tokens/s at 16 streams, and TTFT p50 at 16
-streams < 3x the unloaded one (1 stream).
+rows the server's engine steps ran (each a joint step: the running rows and the prompts that joined
+them). Targets (issue 5): >= 5x the 1-by-1 tokens/s at 16 streams, and TTFT p50 at 16 streams < 3x
+the unloaded one (1 stream).
 
 Prints the table and writes bench/out/generation.{json,png}.
     python -m bench generation      (or `make bench` for every benchmark)
@@ -33,12 +34,15 @@ from bench.harness import OUT, BenchServer, load_average, percentile, table
 MODELS_DIR = OUT / "models"
 REPOSITORY = OUT / "repository"
 MODEL = "gpt2-small"
-# How the server serves it: one instance on one intra-op thread. A decode step's matmuls have only
-# as many rows as there are streams; two OpenMP threads splitting them wait for each other whenever
-# either is preempted, and on 2 cores the other core is what the event loop, gRPC and the clients
-# run on (measured under load ~2: 4.2x and 3.9x the baseline at 16 streams on one thread, 3.2x on two).
+# How the server serves it: one instance whose torch ops run on one thread and whose linear layers
+# may use numpy's BLAS on two (backends/cpu_matmul.py times both libraries at load and routes each
+# product to the faster). Two OpenMP threads for every op lost more than they gained: a decode step
+# is some two thousand small ops, and each makes both threads meet (3.2x the baseline at 16 streams
+# against 3.9-4.2x on one thread, before joint steps); a decode step's matrix products are the few
+# big pieces worth splitting (62 ms a 16-row step on two BLAS threads against 82 ms on one).
 SERVING = ('generation { max_concurrent_sequences: 32 }\n'
-           'backend_parameters { key: "intra_op_threads" value: "1" }\n')
+           'backend_parameters { key: "intra_op_threads" value: "1" }\n'
+           'backend_parameters { key: "matmul_threads" value: "2" }\n')
 SEED = 0
 CONCURRENCY = (1, 4, 16, 32)
 REQUESTS = 256
@@ -63,7 +67,8 @@ class Load:
     steps: dict[int, int] = field(default_factory=dict)
     # generate 1-by-1 tokens/s measured just before and after this load (the machine is shared).
     local_baseline: float = 0.0
-    # Time the server's decode steps took in the window (the rest: prefill steps and idling).
+    # Time the server's engine steps (joint, or decode where a backend has no joint steps) took in
+    # the window; the rest: separate prefill steps, waits for arrivals, idling.
     decode_seconds: float = 0.0
 
     @property
@@ -257,9 +262,9 @@ def report(baseline: Load, loads: list[Load]) -> str:
                      f"{load.decode_step_ms:.0f}" if load.steps else "-",
                      f"{load.decode_seconds / load.seconds:.0%}" if load.steps else "-"))
     lines = [table(rows, ("mode", "streams", "tokens/s", "vs 1-by-1", "vs slices around", "TTFT p50 ms",
-                          "TTFT p99 ms", "rows/step", "decode step ms", "decoding"))]
-    lines.append("(decoding: the share of the window the server spent in decode steps; the rest went to prefill "
-                 "steps, between-step work and idling)")
+                          "TTFT p99 ms", "rows/step", "step ms", "stepping"))]
+    lines.append("(rows/step: sequences a step advanced, prompts that joined it included; stepping: the share of the "
+                 "window spent in those steps, the rest went to between-step work, waits for arrivals and idling)")
     lines.append("(generate 1-by-1 TTFT: generate(max_new_tokens=1) in-process, no gRPC)")
     lines.append("\ntargets")
     for name, measured, met in targets(baseline, loads):

@@ -260,6 +260,7 @@ class ServedModel:
         # Assigned here, in the worker thread, so that close() after an unload frees it even if
         # the restart task was cancelled meanwhile.
         instance.backend_instance = self._load_instance(device)
+        instance.backend_instance.warm_up()
 
     async def close(self) -> None:
         """Finishes queued and running work, then frees the instances."""

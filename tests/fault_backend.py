@@ -5,6 +5,8 @@ tokens (set in config.pbtxt `backend_parameters`) that make an instance raise or
     die_on_token: "<id>"     a batch holding this token id raises InstanceDead, and so does every
                              later call on that instance: it stays dead until the server replaces it
 
+For generation the triggers are looked for in the prompts that a prefill or joint step runs.
+
 Registered under the entry-point group `pipeserve.backends` as "faulty" by `install_plugin`,
 which writes a dist-info into a folder that then goes on sys.path (or PYTHONPATH).
 """
@@ -13,11 +15,12 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from pipeserve.backends.base import Instance, InstanceDead, ModelSpec
+from pipeserve.backends.base import DecoderState, Instance, InstanceDead, ModelSpec
 from pipeserve.backends.eager import EagerBackend
 
 NAME = "faulty"
@@ -31,18 +34,49 @@ class FaultInjectingInstance(Instance):
         self.die_on = die_on
         self.dead = False
 
-    def _holds(self, inputs: dict[str, torch.Tensor], token: int | None) -> bool:
-        return token is not None and bool((inputs["input_ids"] == token).any())
+    def _holds(self, ids: torch.Tensor, token: int | None) -> bool:
+        return token is not None and bool((ids == token).any())
 
-    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _check(self, ids: torch.Tensor) -> None:
         if self.dead:
             raise InstanceDead("the instance's worker is gone")
-        if self._holds(inputs, self.die_on):
+        if self._holds(ids, self.die_on):
             self.dead = True
             raise InstanceDead("the worker crashed on a poisoned batch")
-        if self._holds(inputs, self.raise_on):
+        if self._holds(ids, self.raise_on):
             raise RuntimeError("injected fault: the model raised on this batch")
+
+    @staticmethod
+    def _prompt_ids(prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        return torch.tensor([t for prompt in prompts for t in prompt], dtype=torch.long)
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self._check(inputs["input_ids"])
         return self.inner.run(inputs)
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
+        self._check(self._prompt_ids(prompts))
+        return self.inner.prefill(prompts)
+
+    def decode(self, state: DecoderState, tokens: torch.Tensor) -> torch.Tensor:
+        self._check(torch.zeros(0, dtype=torch.long))
+        return self.inner.decode(state, tokens)
+
+    def step(self, state: DecoderState | None, tokens: torch.Tensor,
+             prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
+        self._check(self._prompt_ids(prompts))
+        return self.inner.step(state, tokens, prompts)
+
+    @property
+    def supports_decoding(self) -> bool:
+        return self.inner.supports_decoding
+
+    @property
+    def supports_joint_steps(self) -> bool:
+        return self.inner.supports_joint_steps
+
+    def warm_up(self) -> None:
+        self.inner.warm_up()
 
     def close(self) -> None:
         self.inner.close()

@@ -36,6 +36,8 @@ def check(path: Path) -> None:
         ('task: "text-classification" dynamic_batching { preferred_batch_size: 64 }', "preferred_batch_size", "1..max_batch_size"),
         ('task: "text-classification" instance_group { kind: KIND_CPU gpus: 0 }', "instance_group[0].gpus", "KIND_GPU"),
         ('task: "text-classification" source { path: "../elsewhere" }', "source.path", "'..'"),
+        ('task: "text-generation" generation { refill_wait_microseconds: -1 }', "generation.refill_wait_microseconds",
+         ">= 0"),
         ('task: "text-classification" unknown_field: 1', "(syntax)", "pipeserve.v1.ModelConfig"),
     ],
 )
@@ -77,3 +79,15 @@ def test_unversioned_model_is_version_one(tmp_path):
     path = write(tmp_path, "m", 'task: "text-classification"')
     sources = ModelRepository(tmp_path).version_sources("m", parse_model_config(path), path)
     assert [(s.version, s.local_path) for s in sources] == [(1, (tmp_path / "m").resolve())]
+
+
+def test_refill_wait_is_10_ms_unless_set_and_0_turns_it_off():
+    from google.protobuf import text_format
+    from pipeserve.server.generation.engine import GenerationLimits
+    from pipeserve.v1 import model_config_pb2
+
+    def wait(text: str) -> float:
+        return GenerationLimits.from_config(text_format.Parse(text, model_config_pb2.GenerationLimits())).refill_wait
+
+    assert wait("") == 0.01
+    assert (wait("refill_wait_microseconds: 0"), wait("refill_wait_microseconds: 2500")) == (0.0, 0.0025)

@@ -25,27 +25,31 @@ from pipeserve.v1 import model_service_pb2 as ms_pb
 from pipeserve.v1 import model_service_pb2_grpc as ms_grpc
 from pipeserve.v1 import text_classification_pb2 as tc_pb
 from pipeserve.v1 import text_classification_pb2_grpc as tc_grpc
+from pipeserve.v1 import text_generation_pb2 as tg_pb
+from pipeserve.v1 import text_generation_pb2_grpc as tg_grpc
 from tests.conftest import REPOSITORY, server_settings
 from tests.fault_backend import FaultInjectingBackend, install_plugin
 from tests.model_folders import link_files
 from tests.server_harness import ServerProcess, ServerThread
 
 SOURCE = REPOSITORY / "tiny-classifier"
+GENERATOR = REPOSITORY / "gpt2"
 RAISE_WORD, DIE_WORD = "explode", "crash"
 
 
 @functools.lru_cache
-def _token(word: str) -> int:
-    return AutoTokenizer.from_pretrained(str(SOURCE)).convert_tokens_to_ids(word)
+def _token(word: str, source=SOURCE) -> int:
+    """The word's token id (its first, where the tokenizer splits it)."""
+    return AutoTokenizer.from_pretrained(str(source))(word, add_special_tokens=False)["input_ids"][0]
 
 
-def _faulty_model(repo, name: str, extra: str = "") -> None:
+def _faulty_model(repo, name: str, extra: str = "", source=SOURCE, task: str = "text-classification") -> None:
     folder = repo / name
-    link_files(SOURCE, folder)
+    link_files(source, folder)
     (folder / "config.pbtxt").write_text(
-        f'name: "{name}"\ntask: "text-classification"\nbackend: "faulty"\n'
-        f'backend_parameters {{ key: "raise_on_token" value: "{_token(RAISE_WORD)}" }}\n'
-        f'backend_parameters {{ key: "die_on_token" value: "{_token(DIE_WORD)}" }}\n{extra}\n')
+        f'name: "{name}"\ntask: "{task}"\nbackend: "faulty"\n'
+        f'backend_parameters {{ key: "raise_on_token" value: "{_token(RAISE_WORD, source)}" }}\n'
+        f'backend_parameters {{ key: "die_on_token" value: "{_token(DIE_WORD, source)}" }}\n{extra}\n')
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +64,8 @@ def faulty(model_repository, tmp_path_factory):
     _faulty_model(repo, "raising", "max_batch_size: 1")
     _faulty_model(repo, "dying", "max_batch_size: 1\ninstance_group [ { count: 1 kind: KIND_CPU } ]")
     _faulty_model(repo, "stays-dead", "instance_group [ { count: 1 kind: KIND_CPU } ]")
+    _faulty_model(repo, "dying-generator", "instance_group [ { count: 1 kind: KIND_CPU } ]", GENERATOR,
+                  "text-generation")
     server = ServerThread(server_settings(repo)).start()
     try:
         yield server
@@ -128,6 +134,59 @@ def test_a_dead_instance_fails_its_batch_unavailable_and_is_loaded_again(faulty)
     assert stats.instance_restarts == 1
     assert FaultInjectingBackend.loads["dying"] == loads_before + 1
     assert (stats.in_flight, stats.queued) == (0, 0)
+
+
+async def _generate_all(target: str, model: str, prompts: list[str], new_tokens: int,
+                        started: asyncio.Event | None = None) -> list[tuple[grpc.StatusCode, str, int]]:
+    """Streams every prompt at once (the first ones running before the last joins, once `started`
+    is set by their first token); (status, details, tokens received) per prompt."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = tg_grpc.TextGenerationServiceStub(channel)
+
+        async def one(prompt: str, first: asyncio.Event | None) -> tuple[grpc.StatusCode, str, int]:
+            tokens = 0
+            request = tg_pb.GenerateStreamRequest(model=model, input=prompt, parameters=tg_pb.GenerationParameters(
+                max_new_tokens=new_tokens, do_sample=False))
+            try:
+                async for message in stub.GenerateStream(request, timeout=60):
+                    tokens += len(message.token_ids)
+                    if first is not None:
+                        first.set()
+            except grpc.aio.AioRpcError as error:
+                return error.code(), error.details(), tokens
+            return grpc.StatusCode.OK, "", tokens
+
+        running = [asyncio.create_task(one(p, started)) for p in prompts[:-1]]
+        if started is not None:
+            await started.wait()
+        return [*await asyncio.gather(*running, one(prompts[-1], None))]
+
+
+def test_a_generation_instance_that_dies_fails_its_step_unavailable_and_is_loaded_again(faulty):
+    """A poisoned prompt kills the instance in the step it joins: the sequences in that step end
+    with UNAVAILABLE (their keys and values went with the instance), the instance is loaded again,
+    and the next streams are served by the replacement."""
+    loads_before = FaultInjectingBackend.loads["dying-generator"]
+    tokenizer = AutoTokenizer.from_pretrained(str(GENERATOR))
+    fine, poison = ["Once upon a time", "The weather today"], f"{DIE_WORD} goes the worker"
+    assert not any(_token(DIE_WORD, GENERATOR) in tokenizer(p)["input_ids"] for p in fine)
+    assert _token(DIE_WORD, GENERATOR) in tokenizer(poison)["input_ids"]
+
+    async def run():
+        return await _generate_all(faulty.target, "dying-generator", [*fine, poison], 200, asyncio.Event())
+
+    results = asyncio.run(run())
+    poisoned = results[-1]
+    assert poisoned[0] == grpc.StatusCode.UNAVAILABLE, poisoned
+    assert "the instance died" in poisoned[1] and "worker crashed on a poisoned batch" in poisoned[1]
+    for code, details, tokens in results[:-1]:  # they ran beside it: they end with it, mid-stream
+        assert code == grpc.StatusCode.UNAVAILABLE and 0 < tokens < 200, (code, details, tokens)
+    _wait_for(lambda: _stats(faulty.target, "dying-generator").instance_restarts == 1,
+              what="the generation instance to come back")
+    assert FaultInjectingBackend.loads["dying-generator"] == loads_before + 1
+    after = asyncio.run(_generate_all(faulty.target, "dying-generator", fine, 8))
+    assert after == [(grpc.StatusCode.OK, "", 8)] * len(fine)
+    assert _stats(faulty.target, "dying-generator").active_sequences == 0
 
 
 def test_a_replacement_that_fails_to_load_is_retried_and_work_fails_fast_meanwhile(faulty):

@@ -77,6 +77,9 @@ MODELS = {
     "short-delay": 'max_batch_size: 8 dynamic_batching { max_queue_delay_microseconds: 300000 }',
     "versions": 'max_batch_size: 8 dynamic_batching { } version_policy { all { } }',
     "on-gpu": 'instance_group [ { kind: KIND_GPU } ]',
+    # Linear layers on numpy's BLAS (backends/cpu_matmul.py), and a library that does not exist.
+    "numpy-matmul": 'max_batch_size: 8 dynamic_batching { } backend_parameters { key: "cpu_matmul" value: "numpy" }',
+    "bad-matmul": 'backend_parameters { key: "cpu_matmul" value: "mkl" }',
 }
 
 
@@ -185,6 +188,25 @@ def test_batched_result_equals_unbatched(sched: ServerThread) -> None:
     for got, want in zip(batched, alone):
         for label in want:
             assert got[label] == pytest.approx(want[label], abs=1e-5)
+
+
+def test_linear_layers_on_numpys_blas_give_the_same_scores(sched: ServerThread) -> None:
+    texts = [text(n) for n in (1, 40, 8, 23)]
+    with grpc.insecure_channel(sched.target) as channel:
+        stub = classify_stub(channel)
+        routed = scores(stub.Classify(request("numpy-matmul", *texts)))
+        alone = [scores(stub.Classify(request("unbatched", t)))[0] for t in texts]
+    for got, want in zip(routed, alone):
+        for label in want:
+            assert got[label] == pytest.approx(want[label], abs=1e-5)
+
+
+def test_an_unknown_cpu_matmul_fails_the_model_with_what_is_allowed(sched: ServerThread) -> None:
+    with grpc.insecure_channel(sched.target) as channel:
+        listed = ms_grpc.ModelServiceStub(channel).ListModels(ms.ListModelsRequest())
+    state = next(m for m in listed.models if m.name == "bad-matmul")
+    assert state.state == ms.MODEL_STATE_FAILED
+    assert "cpu_matmul must be one of auto, torch, numpy" in state.reason, state.reason
 
 
 def test_queued_inputs_are_grouped_by_length(sched: ServerThread) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import grpc
 import pytest
@@ -114,6 +115,8 @@ def small_engine(tmp_path_factory, model_repository):
     repo = tmp_path_factory.mktemp("streaming_repository")
     add_model(repo, "gpt2-small-buffer", source=MODEL, task="text-generation",
               extra="generation { max_stream_buffer: 4 max_concurrent_sequences: 2 }")
+    add_model(repo, "gpt2-refill", source=MODEL, task="text-generation",
+              extra=f"generation {{ refill_wait_microseconds: {int(REFILL_WAIT * 1e6)} }}")
     running = ServerThread(server_settings(repo)).start()
     yield running
     running.stop()
@@ -168,6 +171,49 @@ def test_sequences_beyond_the_rows_wait_and_a_cancelled_waiting_one_leaves_at_on
             return done[-1].usage.generated_tokens
 
     assert asyncio.run(run()) == 5
+
+
+REFILL_WAIT = 1.5  # seconds: far longer than any step of the tiny model, so that the wait shows
+
+
+def test_after_a_sequence_finishes_the_engine_waits_for_a_request_to_take_its_row(small_engine):
+    """refill_wait: after a step in which a sequence finished, the next step waits for a new
+    request to join it (up to the configured time) and goes as soon as one arrives."""
+    target, model = small_engine.target, "gpt2-refill"
+
+    def request(prompt: str, tokens: int) -> pb.GenerateStreamRequest:
+        return pb.GenerateStreamRequest(model=model, input=prompt, parameters=params(max_new_tokens=tokens,
+                                                                                      do_sample=False))
+
+    async def pause_of_a_running_stream(send_next: bool) -> float:
+        """Seconds from a short stream's end to the next token of a long stream running beside it."""
+        async with grpc.aio.insecure_channel(target) as channel:
+            s = stub(channel)
+            running = s.GenerateStream(request(PROMPTS[0], 400))
+            await running.read()
+            arrivals: list[float] = []
+
+            async def read() -> None:
+                while (await running.read()) is not grpc.aio.EOF:
+                    arrivals.append(time.monotonic())
+
+            reader = asyncio.create_task(read())
+            short = [m async for m in s.GenerateStream(request(PROMPTS[1], 3))]
+            ended = time.monotonic()
+            assert short[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            if send_next:
+                assert (await s.Generate(pb.GenerateRequest(model=model, inputs=[PROMPTS[2]], parameters=params(
+                    max_new_tokens=2, do_sample=False)))).results
+            await asyncio.to_thread(wait_until, lambda: any(t > ended for t in arrivals), REFILL_WAIT * 3,
+                                    "the running stream's next token")
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            return min(t for t in arrivals if t > ended) - ended
+
+    assert asyncio.run(pause_of_a_running_stream(send_next=False)) > REFILL_WAIT * 0.6  # nobody came: it waited
+    assert asyncio.run(pause_of_a_running_stream(send_next=True)) < REFILL_WAIT * 0.4  # the next request ended it
+    wait_until(lambda: idle(target, model), what="the refill model to be idle")
 
 
 def test_an_engine_that_closes_ends_running_streams_with_cancelled(small_engine):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import grpc
 import pytest
@@ -94,7 +95,8 @@ def test_the_eager_backends_decoder_state_keeps_rows_apart(reference):
     in one forward per step, each equal to generate's tokens for its prompt alone."""
     from pipeserve.backends.eager import EagerInstance
 
-    instance = EagerInstance(reference.model, torch.device("cpu"))
+    # A copy: the instance sets the model's attention to its own, and `reference` must stay transformers' alone.
+    instance = EagerInstance(copy.deepcopy(reference.model), torch.device("cpu"))
     prompts = [reference.ids(p) for p in PROMPTS]
     steps = 80  # past the buffers' first 64 positions, so that they grow while rows are held
     wanted = {i: reference.generate(PROMPTS[i], max_new_tokens=steps, do_sample=False) for i in range(len(PROMPTS))}
@@ -118,6 +120,39 @@ def test_the_eager_backends_decoder_state_keeps_rows_apart(reference):
         assert got[i] == wanted[i], PROMPTS[i]
     for i in (3, 4):
         assert got[i] == wanted[i][: len(got[i])], PROMPTS[i]
+
+
+@pytest.mark.parametrize("cpu_matmul", ["torch", "numpy"])
+def test_joint_steps_run_new_prompts_with_the_running_rows_and_keep_generates_tokens(reference, cpu_matmul):
+    """The eager backend's joint step (one forward for the running rows and the prompts that join
+    them), driven directly: prompts join an empty batch, then a running one, several at once, and
+    rows leave between steps; each sequence's tokens equal generate's for its prompt alone. With
+    linear layers on numpy's BLAS too (only the rounding of the products differs)."""
+    from pipeserve.backends.eager import EagerInstance
+
+    instance = EagerInstance(copy.deepcopy(reference.model), torch.device("cpu"), cpu_matmul)
+    instance.warm_up()
+    assert instance.supports_joint_steps
+    prompts = [reference.ids(p) for p in PROMPTS]
+    wanted = [reference.generate(p, max_new_tokens=N, do_sample=False) for p in PROMPTS]
+    arrivals = {0: [1], 2: [0, 2], 5: [3], 6: [4]}  # step -> prompts that join at it
+    state, rows, got = None, [], {i: [] for i in range(len(PROMPTS))}
+    for step in range(40):
+        done = [r for r, i in enumerate(rows) if len(got[i]) == N]
+        if done:
+            rows = [rows[r] for r in state.release(done)]
+        joining = arrivals.get(step, [])
+        if not rows and not joining and step > max(arrivals):
+            break
+        tokens = torch.tensor([got[i][-1] for i in rows], dtype=torch.long)
+        logits, state = instance.step(state, tokens, [prompts[i] for i in joining])
+        assert logits.shape == (len(rows) + len(joining), reference.model.config.vocab_size)
+        rows += joining
+        for i, t in zip(rows, logits.argmax(-1)):
+            got[i].append(int(t))
+    assert state.rows == 0
+    for i, prompt in enumerate(PROMPTS):
+        assert got[i] == wanted[i], prompt
 
 
 def test_matches_transformers_pipeline(gen, model_repository):

@@ -100,7 +100,8 @@ def validate_model_config(
     if policy.WhichOneof("policy") == "latest" and policy.latest.num_versions < 0:
         raise ConfigError(path, "version_policy.latest.num_versions", "must be >= 1")
     limits = config.generation
-    for field in ("max_concurrent_sequences", "max_tokens_per_step", "max_stream_buffer", "max_new_tokens_limit"):
+    for field in ("max_concurrent_sequences", "max_tokens_per_step", "max_stream_buffer", "max_new_tokens_limit",
+                  "refill_wait_microseconds"):
         if getattr(limits, field) < 0:
             raise ConfigError(path, f"generation.{field}", "must be >= 0")
     return config

@@ -147,6 +147,11 @@ class ModelInstance:
         # put that back so that this instance's share does not leak into other components' threads.
         self.worker = InstanceWorker(f"instance-{index}-{self.device}", self._setup_thread)
         torch.set_num_threads(_PROCESS_THREADS)
+        try:
+            self.worker.submit(backend_instance.warm_up).result()
+        except BaseException:
+            self.worker.shutdown(wait=True)
+            raise
 
     def _setup_thread(self) -> None:
         # torch's intra-op thread count is per calling thread: this worker takes its share of cores.
