@@ -156,10 +156,16 @@ def measure(layers: Sequence[torch.nn.Module], rounds: int = 2) -> MatmulRoute:
 
 
 def set_numpy_blas_threads(threads: int) -> None:
-    """numpy's BLAS keeps one thread count for the whole process: set it to the instance's share."""
-    from threadpoolctl import threadpool_limits
+    """numpy's BLAS keeps one thread count for the whole process, and not every OpenBLAS takes a
+    new count safely while another thread is inside a product: so it changes only when it must
+    (models that ask for different counts share the last one set). MKL is left alone: where numpy
+    uses it, torch does too, and sets its own count."""
+    from threadpoolctl import ThreadpoolController
 
-    threadpool_limits(limits=threads, user_api="blas")
+    libraries = [lib for lib in ThreadpoolController().select(user_api="blas").lib_controllers
+                 if lib.internal_api != "mkl" and lib.num_threads != threads]
+    for library in libraries:
+        library.set_num_threads(threads)
 
 
 def route_linear_layers(model: torch.nn.Module, mode: str, numpy_threads: int | None = None) -> MatmulRoute | None:

@@ -12,6 +12,7 @@ from pipeserve.backends.cpu_matmul import (
     linear_layers,
     measure,
     route_linear_layers,
+    set_numpy_blas_threads,
 )
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
@@ -87,3 +88,20 @@ def test_measuring_gives_a_verdict_for_every_row_bucket():
     route = measure([layer for _, _, layer in linear_layers(_tiny_gpt2())], rounds=1)
     assert len(route.use_numpy) == len(ROW_BUCKETS)
     assert all(isinstance(v, bool) for v in route.use_numpy)
+
+
+def test_numpys_blas_takes_the_thread_count_asked_for():
+    from threadpoolctl import ThreadpoolController
+
+    def counts() -> set[int]:
+        return {lib.num_threads for lib in ThreadpoolController().select(user_api="blas").lib_controllers
+                if lib.internal_api != "mkl"}
+
+    before = counts()
+    assert before, "numpy's BLAS is not loaded"
+    try:
+        for threads in (1, 2, 1):
+            set_numpy_blas_threads(threads)
+            assert counts() == {threads}
+    finally:
+        set_numpy_blas_threads(max(before))
