@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -126,32 +127,35 @@ def _time(fn: Callable[[], object]) -> float:
 
 
 @torch.inference_mode()
-def measure(layers: Sequence[torch.nn.Module], rounds: int = 2) -> MatmulRoute:
+def measure(layers: Sequence[torch.nn.Module], rounds: int = 3) -> MatmulRoute:
     """Times torch against numpy on `layers` for each of ROW_BUCKETS (in this thread, with its torch
-    and BLAS thread counts); the better of `rounds` interleaved runs counts, so that a moment of
-    noise on a shared machine does not decide."""
-    torch_route, numpy_route = MatmulRoute.always(False), MatmulRoute.always(True)
-    sample, total = [], 0
+    and BLAS thread counts): `rounds` runs of each, interleaved, compared by their medians, so that
+    a moment of noise on a shared machine does not decide."""
+    sample: list[torch.nn.Module] = []
+    total = 0
     for layer in layers:  # enough weight bytes to stream from memory, not from cache
         sample.append(layer)
         total += layer.weight.numel() * 4
         if total >= TUNING_BYTES:
             break
-    torch_layers = [RoutedLinear(layer, torch_route) for layer in sample]
-    numpy_layers = [RoutedLinear(layer, numpy_route) for layer in sample]
+    numpy_layers = [RoutedLinear(layer, MatmulRoute.always(True)) for layer in sample]
     verdicts = []
     for rows in ROW_BUCKETS:
-        inputs = [torch.randn(rows, layer.in_features) for layer in torch_layers]
+        inputs = [torch.randn(rows, layer.in_features) for layer in numpy_layers]
 
-        def run(which: list[RoutedLinear]) -> None:
-            for layer, x in zip(which, inputs):
+        def run(layers: Sequence[torch.nn.Module]) -> None:
+            for layer, x in zip(layers, inputs):
                 layer(x)
 
-        run(torch_layers), run(numpy_layers)  # warm both (allocations, BLAS thread pools)
-        best_torch = min(_time(lambda: run(torch_layers)) for _ in range(rounds))
-        best_numpy = min(_time(lambda: run(numpy_layers)) for _ in range(rounds))
-        verdicts.append(best_numpy < MARGIN * best_torch)
-        log.debug("%d rows: torch %.1f ms, numpy %.1f ms", rows, best_torch * 1e3, best_numpy * 1e3)
+        # torch: the layers as they are, so that numpy must win by more than its wrapper costs.
+        run(sample), run(numpy_layers)  # warm both (allocations, BLAS thread pools)
+        times: dict[str, list[float]] = {"torch": [], "numpy": []}
+        for _ in range(rounds):
+            times["torch"].append(_time(lambda: run(sample)))
+            times["numpy"].append(_time(lambda: run(numpy_layers)))
+        with_torch, with_numpy = statistics.median(times["torch"]), statistics.median(times["numpy"])
+        verdicts.append(with_numpy < MARGIN * with_torch)
+        log.debug("%d rows: torch %.1f ms, numpy %.1f ms", rows, with_torch * 1e3, with_numpy * 1e3)
     return MatmulRoute(tuple(verdicts))
 
 
