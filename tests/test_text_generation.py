@@ -155,6 +155,50 @@ def test_joint_steps_run_new_prompts_with_the_running_rows_and_keep_generates_to
         assert got[i] == wanted[i], prompt
 
 
+def _tiny_causal_lm(kind: str) -> torch.nn.Module:
+    """A random decoder of another family, built from its config: rotary positions and grouped
+    key/value heads (llama), rotary over part of each head (gpt_neox), learned positions with an
+    offset (opt)."""
+    import transformers
+
+    shape = dict(vocab_size=211, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=256, eos_token_id=None)
+    config = {
+        "llama": lambda: transformers.LlamaConfig(**shape, intermediate_size=128, num_key_value_heads=2),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(**shape, intermediate_size=128, rotary_pct=0.5),
+        "opt": lambda: transformers.OPTConfig(**shape, ffn_dim=128, word_embed_proj_dim=64),
+    }[kind]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox", "opt"])
+def test_joint_steps_keep_generates_tokens_for_other_model_families(kind):
+    from pipeserve.backends.eager import EagerInstance
+
+    model = _tiny_causal_lm(kind)
+    prompts = [[(7 * i + 3 * n) % 200 + 5 for i in range(n)] for n in (10, 3, 17)]
+    wanted = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, do_sample=False,
+                                 pad_token_id=0)
+            wanted.append(out[0, len(prompt):].tolist())
+    instance = EagerInstance(model, torch.device("cpu"))
+    assert instance.supports_joint_steps
+    logits, state = instance.step(None, torch.zeros(0, dtype=torch.long), prompts[:1])
+    got = [[int(logits[0].argmax())], [], []]
+    logits, state = instance.step(state, torch.tensor([got[0][-1]]), prompts[1:])  # two join a running row
+    for i, row in enumerate(logits.argmax(-1).tolist()):
+        got[i].append(row)
+    while any(len(g) < N for g in got):
+        logits, state = instance.step(state, torch.tensor([g[-1] for g in got]), [])
+        for i, row in enumerate(logits.argmax(-1).tolist()):
+            got[i].append(row)
+    assert [g[: len(w)] for g, w in zip(got, wanted)] == wanted
+
+
 def test_matches_transformers_pipeline(gen, model_repository):
     theirs = hf_pipeline("text-generation", model=str(model_repository / MODEL))
     for inputs, kwargs in [
