@@ -395,6 +395,24 @@ class CausalLMStepper:
             caches.append(cache)
         return torch.cat(logits), RowCache.from_prefills(caches)
 
+    def check(self, device: torch.device) -> None:
+        """Runs a two-token prompt and one decode step, so that a model whose code does not fit the
+        row cache (Bloom's ALiBi attention, say) fails at load with the reason, not on every request."""
+        vocab = self.model.config.get_text_config(decoder=True).vocab_size
+        prompt = [0, min(1, vocab - 1)]
+        try:
+            if self.joins_prompts:
+                logits, state = self.step(None, torch.zeros(0, dtype=torch.long), [prompt], device)
+                self.step(state, logits.argmax(-1), [], device)
+            else:
+                logits, state = self.prefill([prompt], device)
+                self.decode(state, logits.argmax(-1), device)
+        except NotImplementedError:
+            raise
+        except Exception as exc:
+            raise NotImplementedError(f"step-wise decoding does not work with {type(self.model).__name__}: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+
     @property
     def joins_prompts(self) -> bool:
         """Joint steps need the row attention (sdpa models get it; an "eager" model keeps its own)."""

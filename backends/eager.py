@@ -95,7 +95,10 @@ class EagerInstance(Instance):
         if self._decoding is None:
             from pipeserve.backends.decoding import CausalLMStepper
 
-            self._decoding = CausalLMStepper(self.model)
+            stepper = CausalLMStepper(self.model)
+            with torch.inference_mode(), self._on_stream():
+                stepper.check(self.device)
+            self._decoding = stepper
         return self._decoding
 
     def close(self) -> None:

@@ -199,6 +199,21 @@ def test_joint_steps_keep_generates_tokens_for_other_model_families(kind):
     assert [g[: len(w)] for g, w in zip(got, wanted)] == wanted
 
 
+def test_a_model_whose_code_does_not_fit_step_wise_decoding_says_why_before_any_request():
+    """Bloom's attention (ALiBi, its own code) does not take the row cache: the instance finds out
+    by decoding a token when it is asked, so that the model fails to load with the reason."""
+    import transformers
+
+    from pipeserve.backends.eager import EagerInstance
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.BloomConfig(vocab_size=211, hidden_size=64, n_layer=2, n_head=4)).eval()
+    instance = EagerInstance(model, torch.device("cpu"))
+    assert not instance.supports_decoding
+    assert "step-wise decoding does not work with BloomForCausalLM" in instance.decoding_unsupported
+
+
 def test_matches_transformers_pipeline(gen, model_repository):
     theirs = hf_pipeline("text-generation", model=str(model_repository / MODEL))
     for inputs, kwargs in [
