@@ -114,6 +114,12 @@ def _joint_attention(joint: _Joint, module: torch.nn.Module, query: torch.Tensor
     return torch.cat(parts).unsqueeze(0)
 
 
+def additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, width] of valid columns as the [rows, 1, 1, width] mask that attention adds to its
+    scores: 0 where a row may attend, the dtype's lowest value where it may not."""
+    return torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, torch.finfo(dtype).min)[:, None, None, :]
+
+
 AttentionInterface.register(ROW_ATTENTION, row_attention)
 AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)
 
@@ -254,10 +260,15 @@ class RowCache(Cache, DecoderState):
 
     def begin_step(self) -> torch.Tensor:
         """Makes room for one more token per row; returns the step's mask of valid columns [rows, width]."""
-        n = self._rows
-        lengths = self.lengths[:n]
+        valid = self._valid_columns()
+        self._reserve(self._rows, self.width)
+        return valid
+
+    def _valid_columns(self) -> torch.Tensor:
+        """[rows, width]: True where a row holds a key and at its next column; sets `width` (the longest
+        row plus its new token)."""
+        lengths = self.lengths[: self._rows]
         self.width = int(lengths.max()) + 1
-        self._reserve(n, self.width)
         return torch.arange(self.width)[None, :] <= lengths[:, None]
 
     def end_step(self) -> None:
@@ -266,20 +277,15 @@ class RowCache(Cache, DecoderState):
     def begin_joint_step(self, prompt_lengths: Sequence[int], mask_dtype: torch.dtype) -> _Joint:
         """Makes room for one more token per row and a row per prompt; returns the step's layout."""
         n, p = self._rows, len(prompt_lengths)
-        mask, width = None, 0
+        mask, self.width = None, 0
         if n:
-            lengths = self.lengths[:n]
-            width = int(lengths.max()) + 1
-            valid = torch.arange(width)[None, :] <= lengths[:, None]
-            mask = torch.zeros(valid.shape, dtype=mask_dtype).masked_fill_(~valid, torch.finfo(mask_dtype).min)
-            mask = mask[:, None, None, :]
-        self._reserve(n + p, max([width, *prompt_lengths]))
+            mask = additive_mask(self._valid_columns(), mask_dtype)
+        self._reserve(n + p, max([self.width, *prompt_lengths]))
         offsets, at = [], n
         for length in prompt_lengths:
             offsets.append((at, length))
             at += length
-        self.width = width
-        self.joint = _Joint(n, mask, width, offsets)
+        self.joint = _Joint(n, mask, self.width, offsets)
         return self.joint
 
     def end_joint_step(self) -> None:
@@ -466,8 +472,7 @@ class CausalLMStepper:
         if self._attention() == "sdpa":
             mask = valid[:, None, None, :]  # True: attend
         else:
-            dtype = next(self.model.parameters()).dtype
-            mask = torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, torch.finfo(dtype).min)[:, None, None, :]
+            mask = additive_mask(valid, next(self.model.parameters()).dtype)
         position_ids = state.lengths[:n, None].clone()
         logits = self._forward(
             input_ids=tokens.view(n, 1).to(device), attention_mask=mask.to(device),

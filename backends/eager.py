@@ -21,8 +21,8 @@ class EagerInstance(Instance):
                  matmul_threads: int | None = None):
         self.model = model
         self.device = device
-        # How CPU linear layers multiply (cpu_matmul.py): settled by warm_up (or the first call), in
-        # the worker thread, whose thread counts the timing must see.
+        # How CPU linear layers multiply (cpu_matmul.py): settled by warm_up, in the worker thread,
+        # whose thread counts the timing must see.
         self._cpu_matmul = cpu_matmul if device.type == "cpu" else "torch"
         self._matmul_threads = matmul_threads
         # Step-wise decoding (text-generation), made on first use.
@@ -40,17 +40,12 @@ class EagerInstance(Instance):
         return {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
 
     def warm_up(self) -> None:
-        self._route_matmuls()
-
-    def _route_matmuls(self) -> None:
         if self._cpu_matmul != "torch":
             from pipeserve.backends.cpu_matmul import route_linear_layers
 
-            mode, self._cpu_matmul = self._cpu_matmul, "torch"
-            route_linear_layers(self.model, mode, self._matmul_threads)
+            route_linear_layers(self.model, self._cpu_matmul, self._matmul_threads)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self._route_matmuls()
         with torch.inference_mode(), self._on_stream():
             outputs = self.model(**self._to_device(inputs), return_dict=True)
             result = {k: v.float().cpu() if v.is_floating_point() else v.cpu()
@@ -58,12 +53,10 @@ class EagerInstance(Instance):
         return result
 
     def generate(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
-        self._route_matmuls()
         with torch.inference_mode(), self._on_stream():
             return self.model.generate(**self._to_device(inputs), **kwargs).cpu()
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
-        self._route_matmuls()
         with torch.inference_mode(), self._on_stream():
             return self._stepper().prefill(prompts, self.device)
 
@@ -73,7 +66,6 @@ class EagerInstance(Instance):
 
     def step(self, state: DecoderState | None, tokens: torch.Tensor,
              prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
-        self._route_matmuls()
         with torch.inference_mode(), self._on_stream():
             return self._stepper().step(state, tokens, prompts, self.device)
 

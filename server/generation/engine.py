@@ -205,19 +205,13 @@ class InstanceDecoder:
             outcome, deferred, rows = await loop.run_in_executor(executor, self._joint_step, self._admitting)
             if rows:
                 self.engine.record_step(rows, time.perf_counter() - started)
-            self._admitting = []
-            self.waiting.extendleft(reversed(deferred))
-            self.engine.deliver(outcome)
-            self._after_death()
+            self._admitted(outcome, deferred)
             await self._wait_for_refill(outcome)
             return
         if self.waiting and room > 0:
             self._admitting = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
             outcome, deferred = await loop.run_in_executor(executor, self._prefill_step, self._admitting)
-            self._admitting = []
-            self.waiting.extendleft(reversed(deferred))
-            self.engine.deliver(outcome)
-            self._after_death()
+            self._admitted(outcome, deferred)
         if self.running:
             started = time.perf_counter()
             outcome, rows = await loop.run_in_executor(executor, self._decode_step)
@@ -226,6 +220,14 @@ class InstanceDecoder:
             self.engine.deliver(outcome)
             self._after_death()
             await self._wait_for_refill(outcome)
+
+    def _admitted(self, outcome: Outcome, deferred: list[_Sequence]) -> None:
+        """After a step that admitted sequences: those that did not fit go back to the head of the
+        queue, and the step's results go out."""
+        self._admitting = []
+        self.waiting.extendleft(reversed(deferred))
+        self.engine.deliver(outcome)
+        self._after_death()
 
     async def _wait_for_refill(self, outcome: Outcome) -> None:
         """After a step in which sequences finished, gives new requests up to `refill_wait` seconds
