@@ -18,6 +18,19 @@ _FUNCTIONS = {
 }
 
 
+def function_to_apply(value: int) -> str | None:
+    """The wire enum as the task's parameter (None: the model's default). Image classification
+    shares the enum."""
+    if value not in _FUNCTIONS:
+        raise InvalidArgument("function_to_apply", f"unknown value {value}")
+    return _FUNCTIONS[value]
+
+
+def classifications(results: list) -> list[pb.Classification]:
+    """The task's ranked labels, one list per input, as wire messages (image classification too)."""
+    return [pb.Classification(labels=[pb.LabelScore(label=d["label"], score=d["score"]) for d in r]) for r in results]
+
+
 class TextClassificationServicer(pb_grpc.TextClassificationServiceServicer):
     def __init__(self, plane: DataPlane):
         self.plane = plane
@@ -29,16 +42,15 @@ class TextClassificationServicer(pb_grpc.TextClassificationServiceServicer):
             if len(request.text_pairs) != len(inputs):
                 raise InvalidArgument("text_pairs", f"has {len(request.text_pairs)} entries; it needs one per input ({len(inputs)})")
             inputs = list(zip(inputs, request.text_pairs))
-        if request.function_to_apply not in _FUNCTIONS:
-            raise InvalidArgument("function_to_apply", f"unknown value {request.function_to_apply}")
-        params = {"function_to_apply": _FUNCTIONS[request.function_to_apply], "has_text_pairs": bool(request.text_pairs)}
+        params = {"function_to_apply": function_to_apply(request.function_to_apply),
+                  "has_text_pairs": bool(request.text_pairs)}
         if request.HasField("top_k"):
             params["top_k"] = request.top_k
         served, results = await self.plane.infer(
             TASK, inputs, params, model=request.model, version=request.model_version, timeout=timeout_of(context)
         )
         return pb.ClassifyResponse(
-            results=[pb.Classification(labels=[pb.LabelScore(label=d["label"], score=d["score"]) for d in r]) for r in results],
+            results=classifications(results),
             model=served.name,
             model_version=served.version,
         )

@@ -21,6 +21,7 @@ from pipeserve.backends.base import ModelSpec
 from pipeserve.backends.eager import EagerBackend
 from pipeserve.backends.registry import backend_names
 from pipeserve.server.errors import PipeserveError
+from pipeserve.server.export.versions import has_model_config
 from pipeserve.server.repository.config import validate_model_config
 from pipeserve.server.repository.repository import ModelRepository, ModelVersionSource
 from pipeserve.server.tasks.base import TaskContext
@@ -113,6 +114,20 @@ class ExportSource:
             raise ExportError(f"{type(model).__name__}.forward takes no {missing}, which task {config.task!r} sends")
         return cls(repo, config, source, canonical_task_name(config.task) or config.task, model_class, model,
                    hf_config, processor, names, ignored, tuple(task_cls.input_names), tuple(task_cls.output_names))
+
+    def target(self, name: str, suffix: str, backend: str) -> tuple[str, Path, bool]:
+        """Where an export served by `backend` goes: its model name (`name`, default `<model>-<suffix>`),
+        that model's folder in the repository, and whether the folder has a config.pbtxt already
+        (kept; one for another backend is an ExportError, raised before anything is written)."""
+        model = self.config.name
+        name = name or f"{model}-{suffix}"
+        if name == model:
+            raise ExportError("the export must go to another model than its source (see --name)")
+        folder = self.repository.root / name
+        try:
+            return name, folder, has_model_config(folder, backend)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from exc
 
     @property
     def label(self) -> str:

@@ -28,7 +28,7 @@ from google.protobuf import text_format
 from pipeserve.server.export.source import (
     CHECK_BATCH, CHECK_DECODER_LENGTH, CHECK_LENGTH, TRACE_BATCH, TRACE_DECODER_LENGTH, TRACE_LENGTH,
     ExportError, ExportSource, wrap)
-from pipeserve.server.export.versions import add_version, has_model_config, sibling_config, write_config
+from pipeserve.server.export.versions import add_version, sibling_config, write_config
 from pipeserve.v1.model_config_pb2 import InstanceGroup
 
 log = logging.getLogger("pipeserve.export")
@@ -188,14 +188,7 @@ def export_tensorrt(repository: Path, model: str, triton_repository: Path, name:
         raise ExportError(f"model {model!r} generates text ({source.model_class}); the TensorRT export covers "
                           "encoder tasks: generation needs a KV-cache engine (e.g. TensorRT-LLM). Serve it with "
                           "backend eager, or export a no-cache decoder step with --backend torchscript")
-    name = name or f"{model}-tensorrt"
-    if name == model:
-        raise ExportError("the export must go to another model than its source (see --name)")
-    pipeserve_folder = source.repository.root / name
-    try:
-        keep_config = has_model_config(pipeserve_folder, "triton")
-    except ValueError as exc:
-        raise ExportError(str(exc)) from exc
+    name, pipeserve_folder, keep_config = source.target(name, "tensorrt", "triton")
     max_batch_size = source.config.max_batch_size
     max_length = (max_sequence_length or source.config.max_sequence_length
                   or getattr(source.hf_config, "max_position_embeddings", 0) or 512)

@@ -20,7 +20,7 @@ import torch
 
 from pipeserve.backends.torchscript import MODEL_FILE, InputSpec, TorchScriptSignature
 from pipeserve.server.export.source import ExportError, ExportSource, max_difference, wrap
-from pipeserve.server.export.versions import add_version, has_model_config, sibling_config, write_config
+from pipeserve.server.export.versions import add_version, sibling_config, write_config
 
 log = logging.getLogger("pipeserve.export")
 
@@ -82,14 +82,7 @@ def export_torchscript(repository: Path, model: str, name: str = "", version: in
         raise ExportError(f"model {model!r} is an encoder-decoder ({source.model_class}): its tasks need generate() "
                           "with a KV cache, which a traced model cannot carry; serve it with backend eager "
                           "(decoder-only models export a decoder step without a cache)")
-    name = name or f"{model}-torchscript"
-    if name == model:
-        raise ExportError("the export must go to another model than its source (see --name)")
-    folder = source.repository.root / name
-    try:
-        config_exists = has_model_config(folder, "torchscript")
-    except ValueError as exc:
-        raise ExportError(str(exc)) from exc
+    name, folder, config_exists = source.target(name, "torchscript", "torchscript")
     traced, signature, diffs = trace(source)
 
     def write(dest: Path) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeserve.server.errors import InvalidArgument
 from pipeserve.server.tasks.base import Task, TaskParams, check_int
-from pipeserve.server.tasks.text_classification import FUNCTIONS, rank_labels
+from pipeserve.server.tasks.text_classification import function_to_apply, rank_labels
 
 DEFAULT_TOP_K = 5
 DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -67,11 +67,7 @@ class ImageClassificationTask(Task):
 
     def sanitize(self, params: dict[str, Any]) -> TaskParams:
         params = self.with_defaults(params)
-        function = params.get("function_to_apply") or "default"
-        if function not in FUNCTIONS:
-            raise InvalidArgument("function_to_apply", f"must be one of {', '.join(FUNCTIONS)}, got {function!r}")
-        if function == "default":
-            function = self.default_function
+        function = function_to_apply(params, self.default_function)
         top_k = check_int("top_k", params.get("top_k", DEFAULT_TOP_K), 1)
         return TaskParams(post=ImageClassificationPost(function, min(top_k, len(self.labels))))
 

@@ -29,6 +29,14 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def function_to_apply(params: dict[str, Any], default: str) -> str:
+    """The request's `function_to_apply`, checked; "default" (or none) is the model's `default`."""
+    function = params.get("function_to_apply") or "default"
+    if function not in FUNCTIONS:
+        raise InvalidArgument("function_to_apply", f"must be one of {', '.join(FUNCTIONS)}, got {function!r}")
+    return default if function == "default" else function
+
+
 def rank_labels(logits: np.ndarray, labels: Sequence[str], function: str, top_k: int | None) -> list[dict[str, Any]]:
     """Scores one row of logits (softmax, sigmoid or none) and returns its labels best first,
     the top_k of them (every label for None), as transformers' classification pipelines do."""
@@ -70,11 +78,7 @@ class TextClassificationTask(TokenizingTask):
 
     def sanitize(self, params: dict[str, Any]) -> TaskParams:
         params = self.with_defaults(params)
-        function = params.get("function_to_apply") or "default"
-        if function not in FUNCTIONS:
-            raise InvalidArgument("function_to_apply", f"must be one of {', '.join(FUNCTIONS)}, got {function!r}")
-        if function == "default":
-            function = self.default_function
+        function = function_to_apply(params, self.default_function)
         top_k = params.get("top_k", 1)
         if top_k is not None:
             top_k = check_int("top_k", top_k, 0) or None  # 0 means every label, as None does
