@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pipeserve.server.scheduling.cost import BatchCostModel
 from pipeserve.server.scheduling.instances import cpu_threads_per_instance, plan_devices
-from pipeserve.v1 import model_config_pb2
+from pipeserve.server.repository.model_settings import InstanceGroupSettings
 from pipeserve.v1 import model_service_pb2 as ms
 from pipeserve.v1 import model_service_pb2_grpc as ms_grpc
 from pipeserve.v1 import text_classification_pb2 as tc
@@ -397,8 +397,7 @@ def test_instances_split_the_cores_and_work_goes_to_the_idle_one(sched: ServerTh
 
 
 def test_instance_groups_expand_to_count_times_devices() -> None:
-    group = model_config_pb2.InstanceGroup
-    devices = plan_devices([group(count=3, kind=group.KIND_CPU)])
+    devices = plan_devices([InstanceGroupSettings(count=3, kind="cpu")])
     assert [str(d) for d in devices] == ["cpu"] * 3
     assert cpu_threads_per_instance(3, cores=8) == 2 and cpu_threads_per_instance(4, cores=2) == 1
     assert cpu_threads_per_instance(1, cores=8, requested="3") == 3
@@ -406,7 +405,7 @@ def test_instance_groups_expand_to_count_times_devices() -> None:
         cpu_threads_per_instance(1, requested="0")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="KIND_GPU"):
-            plan_devices([group(count=1, kind=group.KIND_GPU, gpus=[0])])
+            plan_devices([InstanceGroupSettings(count=1, kind="gpu", gpus=(0,))])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

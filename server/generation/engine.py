@@ -41,7 +41,7 @@ from pipeserve.server.generation.detokenizer import IncrementalDetokenizer
 from pipeserve.server.generation.sampling import TokenChooser
 from pipeserve.server.generation.stopping import FinishReason, StoppingCriteria
 from pipeserve.server.generation.stream import SequenceStream, TokenEvent, TokenLogprob, TopLogprob
-from pipeserve.server.scheduling.instances import InstanceGroup, ModelInstance
+from pipeserve.server.scheduling.instances import InstancePool, ModelInstance
 from pipeserve.server.scheduling.stats import ModelStats
 
 log = logging.getLogger("pipeserve.generation")
@@ -445,7 +445,7 @@ class InstanceDecoder:
 class GenerationEngine:
     """Continuous batching for one model version: one InstanceDecoder per instance."""
 
-    def __init__(self, label: str, group: InstanceGroup, limits: GenerationLimits, stats: ModelStats,
+    def __init__(self, label: str, group: InstancePool, limits: GenerationLimits, stats: ModelStats,
                  on_instance_dead: Callable[[ModelInstance, InstanceDead], None] | None = None):
         self.label = label
         self.limits = limits

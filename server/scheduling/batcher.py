@@ -38,7 +38,7 @@ from pipeserve.server.errors import (
     PipeserveError,
 )
 from pipeserve.server.scheduling.cost import BatchCostModel
-from pipeserve.server.scheduling.instances import InstanceGroup, ModelInstance
+from pipeserve.server.scheduling.instances import InstancePool, ModelInstance
 from pipeserve.server.scheduling.stats import ModelStats
 from pipeserve.server.scheduling.work import Request, WorkItem
 
@@ -58,7 +58,7 @@ class DynamicBatcher:
     def __init__(
         self,
         label: str,
-        group: InstanceGroup,
+        group: InstancePool,
         execute: Execute,
         stats: ModelStats,
         *,

@@ -14,13 +14,13 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from pipeserve.backends.base import Instance
-from pipeserve.v1.model_config_pb2 import InstanceGroup as InstanceGroupConfig
+from pipeserve.server.repository.model_settings import InstanceGroupSettings
 
 log = logging.getLogger("pipeserve.scheduler")
 
@@ -28,19 +28,18 @@ log = logging.getLogger("pipeserve.scheduler")
 _PROCESS_THREADS = torch.get_num_threads()
 
 
-def plan_devices(groups: list[InstanceGroupConfig]) -> list[torch.device]:
+def plan_devices(groups: Sequence[InstanceGroupSettings]) -> list[torch.device]:
     """Expands instance groups into one device per instance (count x kind x gpus)."""
     if not groups:
-        groups = [InstanceGroupConfig(count=1, kind=InstanceGroupConfig.KIND_UNSPECIFIED)]
+        groups = [InstanceGroupSettings()]
     have_cuda = torch.cuda.is_available()
     devices: list[torch.device] = []
     for group in groups:
-        count = group.count or 1
         kind = group.kind
-        if kind == InstanceGroupConfig.KIND_UNSPECIFIED:
-            kind = InstanceGroupConfig.KIND_GPU if have_cuda else InstanceGroupConfig.KIND_CPU
-        if kind == InstanceGroupConfig.KIND_CPU:
-            devices += [torch.device("cpu")] * count
+        if kind == "auto":
+            kind = "gpu" if have_cuda else "cpu"
+        if kind == "cpu":
+            devices += [torch.device("cpu")] * group.count
             continue
         if not have_cuda:
             raise RuntimeError("instance_group asks for KIND_GPU but no CUDA device is visible")
@@ -49,7 +48,7 @@ def plan_devices(groups: list[InstanceGroupConfig]) -> list[torch.device]:
         for gpu in gpus:
             if gpu >= visible:
                 raise RuntimeError(f"instance_group asks for GPU {gpu} but only {visible} are visible")
-            devices += [torch.device("cuda", gpu)] * count
+            devices += [torch.device("cuda", gpu)] * group.count
     return devices
 
 
@@ -179,7 +178,7 @@ class ModelInstance:
         self.backend_instance.close()
 
 
-class InstanceGroup:
+class InstancePool:
     """The instances of one model version; picks the ready instance with the least work."""
 
     def __init__(self, instances: list[ModelInstance], max_outstanding: int = 1):
