@@ -12,7 +12,7 @@ GENERATED := $(PROTOS:.proto=_pb2.py)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install proto models run test test-fast test-gpu bench soak lint clean
+.PHONY: install proto models run test test-fast test-gpu bench soak lint layers clean
 
 install: $(STAMP) $(GENERATED)
 
@@ -41,7 +41,9 @@ models: $(REPO)/.built
 run: models
 	$(VENV)/bin/pipeserve serve --model-repository $(REPO) --port $(PORT)
 
+# The layer rules (pyproject.toml [tool.importlinter]) first: a forbidden import fails at once.
 test: install
+	$(VENV)/bin/lint-imports
 	bash tests/prepare.sh
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
@@ -57,6 +59,9 @@ bench: install
 
 soak: install
 	$(PY) -m bench.soak
+
+layers: install
+	$(VENV)/bin/lint-imports
 
 lint: install
 	cd protos && npx --yes @bufbuild/buf@1.75.0 lint

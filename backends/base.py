@@ -11,6 +11,9 @@ party adds one from its own package without touching the server:
 
     [project.entry-points."pipeserve.backends"]
     my-backend = "my_package.backend:MyBackend"
+
+Everything a backend needs is here and in `pipeserve.backends.errors` (re-exported here): a backend
+imports nothing from `pipeserve.server`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipeserve.backends.errors import BackendError, BackendUnavailable, InstanceDead, PipeserveError
+
+__all__ = [
+    "Backend", "BackendError", "BackendUnavailable", "DecoderState", "Instance", "InstanceDead", "ModelSpec",
+    "PipeserveError",
+]
 
 
 @dataclass(frozen=True)
@@ -44,17 +54,6 @@ class ModelSpec:
     # TorchScript) check them at load time.
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
-
-
-class InstanceDead(Exception):
-    """Raised by `Instance.run` (or `generate`) when the instance can no longer run anything: its
-    worker process died, its remote session is gone for good, its device context is poisoned.
-
-    The server fails the batch that was running with UNAVAILABLE, closes the instance and loads a
-    new one in its place on the same device (`Backend.load` again). An ordinary exception fails
-    only its batch (INTERNAL) and the instance keeps serving; a transient outage is `ready()`
-    returning False, which holds work back without a restart.
-    """
 
 
 class DecoderState(abc.ABC):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from pipeserve.backends.base import Backend, Instance, ModelSpec
-from pipeserve.server.errors import BackendError, BackendUnavailable
+from pipeserve.backends.errors import BackendError, BackendUnavailable
 
 log = logging.getLogger("pipeserve.backends.triton")
 

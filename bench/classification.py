@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.harness import OUT, BenchServer, Measurement, closed_loop, load_average, table
+from bench.harness import OUT, BenchServer, Measurement, closed_loop, load_average, pyplot, table
 
 MODELS_DIR = OUT / "models"
 REPOSITORY = OUT / "repository"
@@ -271,10 +271,9 @@ def report(results: dict[str, list[Measurement]]) -> str:
 
 
 def plot(results: dict[str, list[Measurement]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 8), squeeze=False)
     for col, (model, rows) in enumerate(results.items()):

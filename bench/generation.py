@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.harness import OUT, BenchServer, load_average, percentile, table
+from bench.harness import OUT, BenchServer, load_average, percentile, pyplot, table
 
 MODELS_DIR = OUT / "models"
 REPOSITORY = OUT / "repository"
@@ -273,10 +273,9 @@ def report(baseline: Load, loads: list[Load]) -> str:
 
 
 def plot(baseline: Load, loads: list[Load], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     xs = [load.concurrency for load in loads]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 8))

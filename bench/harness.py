@@ -186,3 +186,19 @@ def load_average() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def pyplot():
+    """matplotlib's pyplot (headless), or None when matplotlib is not installed: the figures are
+    printed either way, and only the plot needs it (`make bench` installs it; elsewhere
+    `pip install -e '.[bench]'`)."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        print("(no plot: matplotlib is not installed; `pip install -e '.[bench]'` adds it)", flush=True)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+

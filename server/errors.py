@@ -6,15 +6,15 @@ Nothing below the adapters knows gRPC, so each error carries a plain code name
 
 from __future__ import annotations
 
+# The root and the backends' errors live with the backend contract, so that a backend needs no
+# server code; they are the same classes here.
+from pipeserve.backends.errors import BackendError, BackendUnavailable, InstanceDead, PipeserveError
 
-class PipeserveError(Exception):
-    """Base of every error a client may see. `code` names a grpc.StatusCode member."""
-
-    code = "INTERNAL"
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
+__all__ = [
+    "BackendError", "BackendUnavailable", "Cancelled", "ConfigError", "DeadlineExceeded", "InstanceDead",
+    "InvalidArgument", "ModelControlDisabled", "ModelNotFound", "ModelNotReady", "Overloaded", "PipeserveError",
+    "ShuttingDown", "Unimplemented", "WrongTask",
+]
 
 
 class InvalidArgument(PipeserveError):
@@ -69,12 +69,6 @@ class Cancelled(PipeserveError):
     code = "CANCELLED"
 
 
-class BackendUnavailable(PipeserveError):
-    """A backend cannot run work now (a remote server is down); retrying later may work."""
-
-    code = "UNAVAILABLE"
-
-
 class ShuttingDown(PipeserveError):
     code = "UNAVAILABLE"
 
@@ -92,9 +86,6 @@ class ConfigError(PipeserveError):
         super().__init__(f"{path}: {field}: {why}")
         self.path = path
         self.field = field
-
-
-class BackendError(PipeserveError):
-    """A backend failed while running a batch; only that batch's requests see it."""
-
-    code = "INTERNAL"
+        # What the file names, where it could be read (for the model's status).
+        self.task = ""
+        self.backend = ""

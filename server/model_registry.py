@@ -9,11 +9,10 @@ from dataclasses import dataclass
 
 from pipeserve.backends.registry import backend_names
 from pipeserve.server.errors import ModelControlDisabled, ModelNotFound, ModelNotReady, PipeserveError, WrongTask
-from pipeserve.server.repository.config import validate_model_config
+from pipeserve.server.repository.model_settings import ModelSettings
 from pipeserve.server.repository.repository import ModelRepository
 from pipeserve.server.served_model import ServedModel
 from pipeserve.server.tasks.registry import canonical_task_name, task_names
-from pipeserve.v1.model_config_pb2 import ModelConfig
 
 log = logging.getLogger("pipeserve.models")
 
@@ -42,7 +41,7 @@ class ModelRegistry:
         # load and unload requests (poll follows the repository as well, see model_control.py).
         self.control_mode = control_mode
         self.served: dict[str, dict[int, ServedModel]] = {}
-        self.configs: dict[str, ModelConfig] = {}
+        self.settings: dict[str, ModelSettings] = {}
         self.status: dict[tuple[str, int], ModelStatus] = {}
         # What each loaded version's folder held when it was loaded, to tell changed versions.
         self._fingerprints: dict[tuple[str, int], tuple] = {}
@@ -81,19 +80,18 @@ class ModelRegistry:
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             previous = self.served.get(name, {})
-            config = ModelConfig()
             try:
-                config, path = self.repository.read_config(name)
-                config = validate_model_config(config, path, name, task_names(), backend_names())
+                config, path = self.repository.read_settings(name, task_names(), backend_names())
                 sources = self.repository.version_sources(name, config, path)
             except ModelNotFound:
                 raise
             except PipeserveError as exc:
                 keep = "; the previous version keeps serving" if previous else ""
-                self.status[(name, 0)] = ModelStatus(name, 0, "FAILED", exc.message + keep, config.task, config.backend)
+                self.status[(name, 0)] = ModelStatus(name, 0, "FAILED", exc.message + keep,
+                                                     getattr(exc, "task", ""), getattr(exc, "backend", ""))
                 raise
             self.status.pop((name, 0), None)
-            same_config = self.configs.get(name) == config
+            same_config = self.settings.get(name) == config
             loaded: dict[int, ServedModel] = {}
             fingerprints: dict[int, tuple] = {}
             for source in sources:
@@ -125,7 +123,7 @@ class ModelRegistry:
                         self.status[(name, version)].state = "READY"
                     raise ModelNotReady(f"model {name} version {source.version} failed to load: {reason}{keep}") from exc
             self.served[name] = loaded
-            self.configs[name] = config
+            self.settings[name] = config
             for key in [k for k, st in self.status.items() if k[0] == name and k[1] not in loaded
                         and st.state in ("FAILED", "LOADING")]:
                 del self.status[key]
@@ -149,7 +147,7 @@ class ModelRegistry:
             versions = self.served.pop(name, None)
             if versions is None:
                 raise ModelNotFound(f"model {name!r} is not loaded; loaded: {', '.join(sorted(self.served)) or 'none'}")
-            self.configs.pop(name, None)
+            self.settings.pop(name, None)
             for version, served in versions.items():
                 self._fingerprints.pop((name, version), None)
                 await self._retire(served, keep_status=False)
@@ -157,7 +155,7 @@ class ModelRegistry:
     async def _retire(self, served: ServedModel, keep_status: bool) -> None:
         key = (served.name, served.version)
         if not keep_status:
-            self.status[key] = ModelStatus(served.name, served.version, "UNLOADING", "", served.config.task, served.config.backend)
+            self.status[key] = ModelStatus(served.name, served.version, "UNLOADING", "", served.settings.task, served.settings.backend)
         await served.close()
         self._notify("unloaded", served)
         if not keep_status:
@@ -207,7 +205,7 @@ class ModelRegistry:
     def default_for(self, task: str) -> ServedModel:
         candidates = sorted(
             (m for m in self.all_served() if m.task_name == task),
-            key=lambda m: (not m.config.default_for_task, m.name, -m.version),
+            key=lambda m: (not m.settings.default_for_task, m.name, -m.version),
         )
         if not candidates:
             raise ModelNotFound(f"no model serves task {task!r}; name a model or add one to the repository")

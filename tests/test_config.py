@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from pipeserve.backends.registry import backend_names
 from pipeserve.server.errors import ConfigError, ModelNotFound
 from pipeserve.server.repository.config import parse_model_config, validate_model_config
+from pipeserve.server.repository.model_settings import VersionPolicy
 from pipeserve.server.repository.repository import ModelRepository
 from pipeserve.server.tasks.registry import task_names
 
@@ -66,28 +68,27 @@ def test_versions_follow_the_policy(tmp_path):
     for v in (1, 2, 3):
         (tmp_path / "m" / str(v)).mkdir()
     repo = ModelRepository(tmp_path)
-    config = parse_model_config(path)
+    config, _ = repo.read_settings("m", task_names(), backend_names())
     assert [s.version for s in repo.version_sources("m", config, path)] == [2, 3]
-    config.version_policy.specific.versions[:] = [1, 3]
+    config = replace(config, version_policy=VersionPolicy("specific", versions=(1, 3)))
     assert [s.version for s in repo.version_sources("m", config, path)] == [1, 3]
-    config.version_policy.specific.versions[:] = [9]
+    config = replace(config, version_policy=VersionPolicy("specific", versions=(9,)))
     with pytest.raises(ConfigError, match="version_policy.specific.versions"):
         repo.version_sources("m", config, path)
 
 
 def test_unversioned_model_is_version_one(tmp_path):
     path = write(tmp_path, "m", 'task: "text-classification"')
-    sources = ModelRepository(tmp_path).version_sources("m", parse_model_config(path), path)
+    repo = ModelRepository(tmp_path)
+    sources = repo.version_sources("m", repo.read_settings("m", task_names(), backend_names())[0], path)
     assert [(s.version, s.local_path) for s in sources] == [(1, (tmp_path / "m").resolve())]
 
 
-def test_refill_wait_is_10_ms_unless_set_and_0_turns_it_off():
-    from google.protobuf import text_format
-    from pipeserve.server.generation.engine import GenerationLimits
-    from pipeserve.v1 import model_config_pb2
-
+def test_refill_wait_is_10_ms_unless_set_and_0_turns_it_off(tmp_path):
     def wait(text: str) -> float:
-        return GenerationLimits.from_config(text_format.Parse(text, model_config_pb2.GenerationLimits())).refill_wait
+        path = write(tmp_path, "m", f'task: "text-generation" generation {{ {text} }}')
+        return validate_model_config(parse_model_config(path), path, "m", task_names(), backend_names()
+                                     ).generation.refill_wait
 
     assert wait("") == 0.01
     assert (wait("refill_wait_microseconds: 0"), wait("refill_wait_microseconds: 2500")) == (0.0, 0.0025)

@@ -378,7 +378,7 @@ def test_a_cancelled_call_leaves_the_queue_at_once(sched: ServerThread) -> None:
 
 def test_instances_split_the_cores_and_work_goes_to_the_idle_one(sched: ServerThread) -> None:
     served = sched.call(lambda: sched.server.registry.get("gated-instances"))
-    instances = served.group.instances
+    instances = served.pool.instances
     assert [inst.device.type for inst in instances] == ["cpu", "cpu"]
     share = cpu_threads_per_instance(2)
     # Each worker thread runs with its share of torch's intra-op threads, or the count asked for.

@@ -223,7 +223,7 @@ def test_an_engine_that_closes_ends_running_streams_with_cancelled(small_engine)
         call = stub(channel).GenerateStream(pb.GenerateStreamRequest(
             model=model, input=PROMPTS[0], parameters=params(max_new_tokens=400, do_sample=False)))
         first = next(call)
-        engine = small_engine.server.registry.get(model).engine
+        engine = small_engine.server.registry.get(model).runtime.engine
         small_engine.run(engine.close(grace=0))
         rest = list(call)
         tokens = len(first.token_ids) + sum(len(m.token_ids) for m in rest)

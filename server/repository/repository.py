@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeserve.server.errors import ConfigError, ModelNotFound
-from pipeserve.server.repository.config import CONFIG_FILE, is_valid_model_name, parse_model_config
-from pipeserve.v1.model_config_pb2 import ModelConfig
+from pipeserve.server.repository.config import CONFIG_FILE, is_valid_model_name, read_model_settings
+from pipeserve.server.repository.model_settings import ModelSettings
 
 
 @dataclass(frozen=True)
@@ -74,37 +74,38 @@ class ModelRepository:
         walk(folder, 1)
         return tuple(entries)
 
-    def read_config(self, name: str) -> tuple[ModelConfig, Path]:
+    def read_settings(self, name: str, known_tasks: set[str], known_backends: set[str]) -> tuple[ModelSettings, Path]:
+        """A model's config.pbtxt, parsed and validated (ConfigError names the file and field)."""
         path = self.model_folder(name) / CONFIG_FILE
-        return parse_model_config(path), path
+        return read_model_settings(path, name, known_tasks, known_backends), path
 
-    def version_sources(self, name: str, config: ModelConfig, config_path: Path) -> list[ModelVersionSource]:
+    def version_sources(self, name: str, settings: ModelSettings, config_path: Path) -> list[ModelVersionSource]:
         """The versions the config's policy selects, oldest first."""
         folder = self.model_folder(name)
         found = sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
         if not found:
             versions = {1: folder}
         else:
-            policy = config.version_policy
-            kind = policy.WhichOneof("policy")
-            if kind == "all":
+            policy = settings.version_policy
+            if policy.kind == "all":
                 chosen = found
-            elif kind == "specific":
-                missing = [v for v in policy.specific.versions if v not in found]
+            elif policy.kind == "specific":
+                missing = [v for v in policy.versions if v not in found]
                 if missing:
                     raise ConfigError(config_path, "version_policy.specific.versions", f"versions {missing} have no folder; found {found}")
-                chosen = sorted(policy.specific.versions)
+                chosen = sorted(policy.versions)
             else:
-                keep = policy.latest.num_versions if kind == "latest" and policy.latest.num_versions else 1
-                chosen = found[-keep:]
+                chosen = found[-policy.num_versions:]
             versions = {v: folder / str(v) for v in chosen}
-        return [self._source(name, v, f, config, config_path) for v, f in sorted(versions.items())]
+        return [self._source(name, v, f, settings, config_path) for v, f in sorted(versions.items())]
 
-    def _source(self, name: str, version: int, folder: Path, config: ModelConfig, config_path: Path) -> ModelVersionSource:
+    def _source(self, name: str, version: int, folder: Path, settings: ModelSettings,
+                config_path: Path) -> ModelVersionSource:
         local: Path | None = None
-        if not config.source.hub_id:
-            local = (folder / config.source.path).resolve() if config.source.path else folder
-            if not Path(config.source.path).is_absolute() and not local.is_relative_to(self.root):
+        source = settings.source
+        if not source.hub_id:
+            local = (folder / source.path).resolve() if source.path else folder
+            if not Path(source.path).is_absolute() and not local.is_relative_to(self.root):
                 raise ConfigError(config_path, "source.path", "must stay inside the repository")
             if not local.is_dir():
                 raise ConfigError(config_path, "source.path", f"folder {local} does not exist")
@@ -114,6 +115,6 @@ class ModelRepository:
             folder=folder,
             config_path=config_path,
             local_path=local,
-            hub_id=config.source.hub_id,
-            revision=config.source.revision,
+            hub_id=source.hub_id,
+            revision=source.revision,
         )

@@ -11,25 +11,24 @@ Subclass a built-in task and override one step to customise it, as with transfor
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
 from pipeserve.backends.base import Instance
 from pipeserve.server.errors import InvalidArgument, PipeserveError
-from pipeserve.v1.model_config_pb2 import ModelConfig, Truncation
+from pipeserve.server.repository.model_settings import ModelSettings
 
 
 @dataclass(frozen=True)
 class TaskContext:
-    """What a task is built from: the model's config and where its files are."""
+    """What a task is built from: the model's settings and where its files are."""
 
-    config: ModelConfig
+    settings: ModelSettings
     # A local folder or a hub id, as from_pretrained takes it.
     source: str
     revision: str = ""
@@ -37,7 +36,7 @@ class TaskContext:
 
     @property
     def pretrained_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"trust_remote_code": self.config.trust_remote_code}
+        kwargs: dict[str, Any] = {"trust_remote_code": self.settings.trust_remote_code}
         if self.revision:
             kwargs["revision"] = self.revision
         return kwargs
@@ -59,8 +58,17 @@ class TaskParams:
         return (self.pre, self.fwd)
 
 
+# How a task's requests run (ServedModel builds the runtime for it): "batched" inputs go through
+# the dynamic batcher and `run_batch`; "generation" inputs are sequences on the continuous batching
+# engine, and the task is a `GenerativeTask`.
+TASK_KINDS = ("batched", "generation")
+
+
 class Task:
     """Base class of every task. Subclasses set `name`, `model_class` and the four steps."""
+
+    #: How the task's requests run: one of TASK_KINDS.
+    kind: ClassVar[str] = "batched"
 
     #: Canonical task name, as transformers spells it.
     name: ClassVar[str] = ""
@@ -74,7 +82,7 @@ class Task:
 
     def __init__(self, context: TaskContext):
         self.context = context
-        self.config = context.config
+        self.settings = context.settings
 
     # -- the four steps -------------------------------------------------------------------------
 
@@ -122,20 +130,32 @@ class Task:
     # -- helpers shared by tasks ------------------------------------------------------------------
 
     def defaults(self) -> dict[str, Any]:
-        """Request parameter defaults from config.pbtxt (`parameters.defaults`), parsed as JSON
-        where they are JSON (numbers, booleans, lists) and kept as text otherwise."""
-        parsed: dict[str, Any] = {}
-        for key, text in self.config.parameters.defaults.items():
-            try:
-                parsed[key] = json.loads(text)
-            except json.JSONDecodeError:
-                parsed[key] = text
-        return parsed
+        """Request parameter defaults from config.pbtxt (`parameters.defaults`, parsed once)."""
+        return dict(self.settings.defaults)
 
     def with_defaults(self, params: dict[str, Any]) -> dict[str, Any]:
-        merged = self.defaults()
+        merged = dict(self.settings.defaults)
         merged.update({k: v for k, v in params.items() if v is not None})
         return merged
+
+
+@runtime_checkable
+class GenerativeTask(Protocol):
+    """What a task of kind "generation" gives the generation runtime. A plan factory runs in the
+    instance's worker thread when its sequence is admitted (it tokenizes) and returns the
+    sequence's `SequencePlan`; raising InvalidArgument fails that sequence alone."""
+
+    name: str
+
+    def sequence_plans(self, inputs: Sequence[Any], params: TaskParams) -> list[list[Callable[[], Any]]]:
+        """Per input, one plan factory per sequence to run (num_return_sequences)."""
+
+    def stream_plan(self, item: Any, params: TaskParams) -> Callable[[], Any]:
+        """The plan factory of a streamed input's one sequence."""
+
+    def sequence_results(self, inputs: Sequence[Any], params: TaskParams,
+                         outcomes: Sequence[Sequence[Any]]) -> list[Any]:
+        """Per input, its result shaped as transformers returns it, from its sequences' outcomes."""
 
 
 class TokenizingTask(Task):
@@ -147,11 +167,11 @@ class TokenizingTask(Task):
 
         self.tokenizer = AutoTokenizer.from_pretrained(context.source, **context.pretrained_kwargs)
         self.max_length = self._max_length()
-        self.reject_overlong = self.config.truncation == Truncation.TRUNCATION_REJECT
+        self.reject_overlong = self.settings.truncation == "reject"
 
     def _max_length(self) -> int:
-        if self.config.max_sequence_length:
-            return self.config.max_sequence_length
+        if self.settings.max_sequence_length:
+            return self.settings.max_sequence_length
         limit = getattr(self.tokenizer, "model_max_length", None) or 0
         # Tokenizers without a limit report a huge sentinel; fall back to the model's positions.
         if not limit or limit > 1_000_000:

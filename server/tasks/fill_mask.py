@@ -36,7 +36,7 @@ class FillMaskTask(TokenizingTask):
     def __init__(self, context):
         super().__init__(context)
         if self.tokenizer.mask_token_id is None:
-            raise ValueError(f"model {self.config.name}: its tokenizer has no mask token, so it cannot serve fill-mask")
+            raise ValueError(f"model {self.settings.name}: its tokenizer has no mask token, so it cannot serve fill-mask")
         self.mask_token: str = self.tokenizer.mask_token
         self.max_masks = check_int("parameters.defaults.max_masks", self.defaults().get("max_masks", DEFAULT_MAX_MASKS), 1)
 

@@ -18,10 +18,13 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
 from pipeserve.server.errors import InvalidArgument
 from pipeserve.server.tasks.base import Task, TaskParams, check_int
-from pipeserve.server.tasks.text_classification import function_to_apply, rank_labels
+from pipeserve.server.tasks.class_labels import class_labels, default_score_function
+from pipeserve.server.tasks.text_classification import (
+    checked_function_to_apply,
+    rank_labels,
+)
 
 DEFAULT_TOP_K = 5
 DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -45,20 +48,8 @@ class ImageClassificationTask(Task):
         from transformers import AutoImageProcessor
 
         self.processor = AutoImageProcessor.from_pretrained(context.source, **context.pretrained_kwargs)
-        hf = context.hf_config
-        labels = list(self.config.parameters.labels)
-        if not labels:
-            id2label = getattr(hf, "id2label", None) or {}
-            labels = [id2label[i] for i in sorted(id2label)]
-        self.labels = labels
-        problem = getattr(hf, "problem_type", None)
-        # transformers' default: regression raw, one label or multi-label sigmoid, else softmax.
-        if problem == "regression":
-            self.default_function = "none"
-        elif problem == "multi_label_classification" or len(labels) == 1:
-            self.default_function = "sigmoid"
-        else:
-            self.default_function = "softmax"
+        self.labels = class_labels(context)
+        self.default_function = default_score_function(context.hf_config, len(self.labels))
         defaults = self.defaults()
         self.max_image_bytes = check_int("parameters.defaults.max_image_bytes",
                                          defaults.get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES), 1)
@@ -67,7 +58,7 @@ class ImageClassificationTask(Task):
 
     def sanitize(self, params: dict[str, Any]) -> TaskParams:
         params = self.with_defaults(params)
-        function = function_to_apply(params, self.default_function)
+        function = checked_function_to_apply(params, self.default_function)
         top_k = check_int("top_k", params.get("top_k", DEFAULT_TOP_K), 1)
         return TaskParams(post=ImageClassificationPost(function, min(top_k, len(self.labels))))
 

@@ -79,7 +79,7 @@ class QuestionAnsweringTask(TokenizingTask):
     def __init__(self, context):
         super().__init__(context)
         if not self.tokenizer.is_fast:
-            raise ValueError(f"model {self.config.name}: question-answering needs a fast tokenizer (for offsets)")
+            raise ValueError(f"model {self.settings.name}: question-answering needs a fast tokenizer (for offsets)")
         # Right-padding tokenizers put the question first (BERT); left-padding ones the context.
         self.question_first = self.tokenizer.padding_side == "right"
         self.context_sequence = 1 if self.question_first else 0
@@ -166,7 +166,7 @@ class QuestionAnsweringTask(TokenizingTask):
         return cut, lengths
 
     def forward(self, features: Windows, fwd: Hashable, instance) -> Any:
-        return run_in_chunks(instance, features.tensors, self.config.max_batch_size)
+        return run_in_chunks(instance, features.tensors, self.settings.max_batch_size)
 
     # -- spans ------------------------------------------------------------------------------------
 

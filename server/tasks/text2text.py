@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 import torch
 from pipeserve.backends.base import Instance
 from pipeserve.server.errors import InvalidArgument
-from pipeserve.server.generation.engine import GenerationLimits
 from pipeserve.server.tasks.base import TaskParams, TokenizingTask, check_float, check_int
 from pipeserve.server.tasks.generation_params import (
     GENERATE_DEFAULTS,
@@ -57,7 +56,7 @@ class Text2TextTask(TokenizingTask):
     def __init__(self, context):
         super().__init__(context)
         self.generation_config = model_generation_config(context)
-        self.limits = GenerationLimits.from_config(self.config.generation)
+        self.limits = self.settings.generation
         self.model_prefix = getattr(context.hf_config, "prefix", None) or ""
 
     # -- parameters ----------------------------------------------------------------------------

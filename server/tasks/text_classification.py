@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from pipeserve.server.errors import InvalidArgument
 from pipeserve.server.tasks.base import TaskParams, TokenizingTask, check_int
+from pipeserve.server.tasks.class_labels import class_labels, default_score_function
 
 FUNCTIONS = ("default", "softmax", "sigmoid", "none")
 
@@ -29,7 +29,7 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def function_to_apply(params: dict[str, Any], default: str) -> str:
+def checked_function_to_apply(params: dict[str, Any], default: str) -> str:
     """The request's `function_to_apply`, checked; "default" (or none) is the model's `default`."""
     function = params.get("function_to_apply") or "default"
     if function not in FUNCTIONS:
@@ -59,26 +59,13 @@ class TextClassificationTask(TokenizingTask):
 
     def __init__(self, context):
         super().__init__(context)
-        hf = context.hf_config
-        labels = list(self.config.parameters.labels)
-        if not labels:
-            id2label = getattr(hf, "id2label", None) or {}
-            labels = [id2label[i] for i in sorted(id2label)]
-        self.labels = labels
-        num_labels = getattr(hf, "num_labels", len(labels))
-        problem = getattr(hf, "problem_type", None)
-        # The same default as transformers' pipeline: regression gets raw scores, one label or
-        # multi-label problems a sigmoid, and the rest a softmax.
-        if problem == "regression":
-            self.default_function = "none"
-        elif problem == "multi_label_classification" or num_labels == 1:
-            self.default_function = "sigmoid"
-        else:
-            self.default_function = "softmax"
+        self.labels = class_labels(context)
+        num_labels = getattr(context.hf_config, "num_labels", len(self.labels))
+        self.default_function = default_score_function(context.hf_config, num_labels)
 
     def sanitize(self, params: dict[str, Any]) -> TaskParams:
         params = self.with_defaults(params)
-        function = function_to_apply(params, self.default_function)
+        function = checked_function_to_apply(params, self.default_function)
         top_k = params.get("top_k", 1)
         if top_k is not None:
             top_k = check_int("top_k", top_k, 0) or None  # 0 means every label, as None does

@@ -10,18 +10,17 @@ included unless return_full_text is false.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeserve.server.errors import ConfigError, InvalidArgument
+from pipeserve.server.errors import InvalidArgument
 from pipeserve.server.generation.detokenizer import IncrementalDetokenizer
-from pipeserve.server.generation.engine import GenerationEngine, GenerationLimits, SequencePlan
+from pipeserve.server.generation.engine import PlanFactory, SequencePlan
 from pipeserve.server.generation.sampling import SamplingParams, TokenChooser
 from pipeserve.server.generation.stopping import StoppingCriteria
-from pipeserve.server.generation.stream import SequenceOutcome, SequenceStream
+from pipeserve.server.generation.stream import SequenceOutcome
 from pipeserve.server.tasks.base import TaskParams, TokenizingTask, check_int
 from pipeserve.server.tasks.generation_params import (
     GENERATE_DEFAULTS,
@@ -56,6 +55,7 @@ class GenerationOptions:
 
 class TextGenerationTask(TokenizingTask):
     name = "text-generation"
+    kind = "generation"
     model_class = "AutoModelForCausalLM"
     input_names = ("input_ids",)
     output_names = ("logits",)
@@ -71,24 +71,8 @@ class TextGenerationTask(TokenizingTask):
         # Absolute-position models cannot go past their positions; 0: no known bound.
         self.max_positions = int(getattr(hf, "max_position_embeddings", 0) or getattr(hf, "n_positions", 0) or 0)
         self.prefix = getattr(hf, "prefix", None) or ""
-        self.limits = GenerationLimits.from_config(self.config.generation, self.config.dynamic_batching.max_queue_size)
+        self.limits = self.settings.generation
         self._decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
-
-    # -- the engine ----------------------------------------------------------------------------
-
-    def start_engine(self, served: Any) -> GenerationEngine:
-        """Called by ServedModel once the instances are loaded."""
-        for inst in served.group.instances:
-            backend_instance = inst.backend_instance
-            if not backend_instance.supports_decoding:
-                reason = getattr(backend_instance, "decoding_unsupported", "") or \
-                    "its instances have no step-wise decoding (Instance.prefill/decode); use backend: \"eager\""
-                raise ConfigError(f"{self.config.name}/config.pbtxt", "backend",
-                                  f"{self.config.backend!r} cannot serve this model for text-generation: {reason}")
-        engine = GenerationEngine(served.label, served.group, self.limits, served.stats,
-                                  on_instance_dead=getattr(served.batcher, "on_instance_dead", None))
-        engine.start()
-        return engine
 
     # -- parameters ----------------------------------------------------------------------------
 
@@ -154,9 +138,9 @@ class TextGenerationTask(TokenizingTask):
         if self.max_positions and len(ids) >= self.max_positions:
             raise InvalidArgument(field, f"has {len(ids)} tokens; the model's context holds {self.max_positions} "
                                          "(prompt and new tokens together)")
-        if self.config.max_sequence_length and len(ids) > self.config.max_sequence_length:
+        if self.settings.max_sequence_length and len(ids) > self.settings.max_sequence_length:
             raise InvalidArgument(field, f"has {len(ids)} tokens; this model accepts prompts of at most "
-                                         f"{self.config.max_sequence_length} (max_sequence_length)")
+                                         f"{self.settings.max_sequence_length} (max_sequence_length)")
         max_new = options.max_new_tokens
         if max_new is None:  # a total length, as generate() counts max_length: at least one new token
             max_new = min(max(1, options.max_length - len(ids)), self.limits.max_new_tokens_limit)
@@ -171,35 +155,24 @@ class TextGenerationTask(TokenizingTask):
             top_logprobs=options.top_logprobs,
         )
 
-    # -- requests (on the event loop) ------------------------------------------------------------
+    # -- the generation runtime's side (on the event loop) ---------------------------------------
 
-    async def generate(self, engine: GenerationEngine, inputs: Sequence[str], params: TaskParams,
-                       deadline: float | None) -> list[list[dict[str, Any]]]:
-        """Every input's sequences, run together on the engine; one list of results per input."""
+    def sequence_plans(self, inputs: Sequence[str], params: TaskParams) -> list[list[PlanFactory]]:
+        """Per prompt, one plan factory per returned sequence (num_return_sequences)."""
         options: GenerationOptions = params.post
-        n = options.num_return_sequences
-        streams: list[SequenceStream] = []
-        try:
-            for index, prompt in enumerate(inputs):
-                for sample in range(n):
-                    make = functools.partial(self.plan, prompt, options, index, sample)
-                    streams.append(engine.submit(make, deadline))
-            outcomes = await asyncio.gather(*(s.outcome() for s in streams))
-        except BaseException:
-            for stream in streams:
-                stream.cancel()
-            raise
-        return [[self.result(prompt, o, options) for o in outcomes[i * n : (i + 1) * n]]
-                for i, prompt in enumerate(inputs)]
+        return [[functools.partial(self.plan, prompt, options, index, sample)
+                 for sample in range(options.num_return_sequences)] for index, prompt in enumerate(inputs)]
 
-    def stream(self, engine: GenerationEngine, prompt: str, params: TaskParams,
-               deadline: float | None) -> SequenceStream:
-        """One prompt's sequence, its events as they come (bounded by generation.max_stream_buffer)."""
+    def stream_plan(self, prompt: str, params: TaskParams) -> PlanFactory:
         options: GenerationOptions = params.post
         if options.num_return_sequences != 1:
             raise InvalidArgument("num_return_sequences", "must be 1 for a stream")
-        make = functools.partial(self.plan, prompt, options)
-        return engine.submit(make, deadline, buffer_limit=self.limits.max_stream_buffer)
+        return functools.partial(self.plan, prompt, options)
+
+    def sequence_results(self, inputs: Sequence[str], params: TaskParams,
+                         outcomes: Sequence[Sequence[SequenceOutcome]]) -> list[list[dict[str, Any]]]:
+        options: GenerationOptions = params.post
+        return [[self.result(prompt, o, options) for o in per_input] for prompt, per_input in zip(inputs, outcomes)]
 
     @staticmethod
     def result(prompt: str, outcome: SequenceOutcome, options: GenerationOptions) -> dict[str, Any]:

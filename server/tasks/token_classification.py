@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from pipeserve.server.errors import InvalidArgument
 from pipeserve.server.tasks.base import TaskParams, TokenizingTask
+from pipeserve.server.tasks.class_labels import class_labels
 from pipeserve.server.tasks.text_classification import softmax
 
 log = logging.getLogger("pipeserve.tasks")
@@ -59,11 +59,7 @@ class TokenClassificationTask(TokenizingTask):
 
     def __init__(self, context):
         super().__init__(context)
-        labels = list(self.config.parameters.labels)
-        if not labels:
-            id2label = getattr(context.hf_config, "id2label", None) or {}
-            labels = [id2label[i] for i in sorted(id2label)]
-        self.labels = labels
+        self.labels = class_labels(context)
         backend = getattr(self.tokenizer, "_tokenizer", None)
         # WordPiece ("##") and BPE models with a continuing-subword prefix mark subwords exactly;
         # other tokenizers fall back to "no space before it" (as transformers does).

@@ -68,7 +68,7 @@ class ZeroShotClassificationTask(TokenizingTask):
         if self.entailment_id == -1:
             # transformers goes on with the last label; so do we, but say so.
             log.warning("model %s: no label of label2id %s starts with 'entail'; using the last label as entailment",
-                        self.config.name, dict(label2id))
+                        self.settings.name, dict(label2id))
         self.contradiction_id = -1 if self.entailment_id == 0 else 0
 
     # -- parameters -------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ class ZeroShotClassificationTask(TokenizingTask):
         return ZeroShotFeatures(dict(encoded), pre.labels)
 
     def forward(self, features: ZeroShotFeatures, fwd: Hashable, instance) -> Any:
-        return run_in_chunks(instance, features.tensors, self.config.max_batch_size)
+        return run_in_chunks(instance, features.tensors, self.settings.max_batch_size)
 
     def postprocess(self, inputs, features: ZeroShotFeatures, outputs, posts: Sequence[bool]) -> list[Any]:
         logits = outputs["logits"].float().numpy()

@@ -1,0 +1,74 @@
+"""The generation runtime: each input's sequences run on the model's continuous batching engine.
+
+The task turns a prompt into a `SequencePlan` (tokenized, in the worker thread, at admission) and
+the outcomes back into transformers' results; the engine runs the steps. A unary call waits for
+every sequence of its inputs; a stream yields one sequence's events as they come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from pipeserve.server.generation.engine import GenerationEngine
+from pipeserve.server.repository.model_settings import ModelSettings
+from pipeserve.server.runtime.counting import counted
+from pipeserve.server.scheduling.batcher import OnInstanceDead
+from pipeserve.server.scheduling.instances import InstancePool
+from pipeserve.server.scheduling.stats import ModelStats
+from pipeserve.server.tasks.base import GenerativeTask, TaskParams
+
+
+class GenerationRuntime:
+    def __init__(self, label: str, task: GenerativeTask, pool: InstancePool, settings: ModelSettings,
+                 stats: ModelStats, on_instance_dead: OnInstanceDead | None):
+        self.task = task
+        self.stats = stats
+        self.limits = settings.generation
+        self.engine = GenerationEngine(label, pool, self.limits, stats, on_instance_dead=on_instance_dead)
+
+    def start(self) -> None:
+        self.engine.start()
+
+    async def submit(self, inputs: Sequence[Any], params: TaskParams, deadline: float | None = None,
+                     priority: int = 0) -> list[Any]:
+        """Every input's sequences, run together on the engine; one result per input."""
+        with counted(self.stats):
+            plans = self.task.sequence_plans(inputs, params)
+            sequences = []
+            try:
+                for per_input in plans:
+                    sequences.append([self.engine.submit(make_plan, deadline) for make_plan in per_input])
+                outcomes = await asyncio.gather(*(s.outcome() for per_input in sequences for s in per_input))
+            except BaseException:
+                for per_input in sequences:
+                    for sequence in per_input:
+                        sequence.cancel()
+                raise
+            grouped, start = [], 0
+            for per_input in plans:
+                grouped.append(outcomes[start:start + len(per_input)])
+                start += len(per_input)
+            return self.task.sequence_results(inputs, params, grouped)
+
+    async def stream(self, item: Any, params: TaskParams, deadline: float | None = None) -> AsyncIterator[Any]:
+        """One input's sequence; its events as they come (those that piled up while the reader was
+        busy arrive merged). Closing the iterator stops the sequence."""
+        make_plan = self.task.stream_plan(item, params)
+        sequence = self.engine.submit(make_plan, deadline, buffer_limit=self.limits.max_stream_buffer)
+        try:
+            with counted(self.stats):
+                async for events in sequence.batches():
+                    yield events
+        finally:
+            sequence.cancel()  # a no-op once the sequence has ended
+
+    def wake(self) -> None:
+        """The engine's decoders notice a replaced instance at their next step by themselves."""
+
+    async def drain(self) -> None:
+        """Sequences run until they finish (or the engine's grace at close is over)."""
+
+    async def close(self) -> None:
+        await self.engine.close()
