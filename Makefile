@@ -31,7 +31,9 @@ proto: $(GENERATED)
 $(GENERATED) &: $(PROTOS)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos $(PROTOS)
 
-# The default model repository: tiny local models, built offline once.
+# The default model repository: tiny local models, built offline. `install` is phony, so this
+# runs on every `make models`: the builder skips the models its current version made (a stamp in
+# each model folder) and rebuilds those an older version made.
 $(REPO)/.built: install
 	$(VENV)/bin/pipeserve models init $(REPO)
 	touch $@

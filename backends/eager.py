@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
@@ -13,21 +13,28 @@ import transformers
 from pipeserve.backends.base import Backend, DecoderState, Instance, ModelSpec
 from pipeserve.backends.cpu_matmul import MODES as MATMUL_MODES
 
+if TYPE_CHECKING:
+    from pipeserve.backends.stepper import CausalLMStepper
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class EagerInstance(Instance):
     def __init__(self, model: torch.nn.Module, device: torch.device, cpu_matmul: str = "torch",
-                 matmul_threads: int | None = None):
+                 matmul_threads: int | None = None, step_wise: bool = True):
         self.model = model
         self.device = device
         # How CPU linear layers multiply (cpu_matmul.py): settled by warm_up, in the worker thread,
         # whose thread counts the timing must see.
         self._cpu_matmul = cpu_matmul if device.type == "cpu" else "torch"
         self._matmul_threads = matmul_threads
-        # Step-wise decoding (text-generation), made on first use.
-        self._decoding: Any = None
-        self.decoding_unsupported = ""
+        # Step-wise decoding (text-generation), for a model loaded as a causal LM (`step_wise`).
+        # Whether the model decodes through the row cache is found by decoding a token, a forward:
+        # warm_up does it in the worker thread, so that `supports_decoding` only reads the result.
+        self._step_wise = step_wise
+        self._stepper: CausalLMStepper | None = None
+        self._decoding_checked = False
+        self.decoding_unsupported = "" if step_wise else "the model was not loaded as a causal LM"
         # Each GPU instance queues its work on its own stream so that instances sharing a GPU overlap.
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -44,6 +51,8 @@ class EagerInstance(Instance):
             from pipeserve.backends.cpu_matmul import route_linear_layers
 
             route_linear_layers(self.model, self._cpu_matmul, self._matmul_threads)
+        # After the routing, so that the check decodes through the layers that requests run.
+        self.check_decoding()
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.inference_mode(), self._on_stream():
@@ -58,40 +67,52 @@ class EagerInstance(Instance):
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
         with torch.inference_mode(), self._on_stream():
-            return self._stepper().prefill(prompts, self.device)
+            return self._decoder().prefill(prompts, self.device)
 
     def decode(self, state: DecoderState, tokens: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self._on_stream():
-            return self._stepper().decode(state, tokens, self.device)
+            return self._decoder().decode(state, tokens, self.device)
 
     def step(self, state: DecoderState | None, tokens: torch.Tensor,
              prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
         with torch.inference_mode(), self._on_stream():
-            return self._stepper().step(state, tokens, prompts, self.device)
+            return self._decoder().step(state, tokens, prompts, self.device)
 
     @property
     def supports_joint_steps(self) -> bool:
-        return self.supports_decoding and self._stepper().joins_prompts
+        return self.supports_decoding and self._decoder().joins_prompts
 
     @property
     def supports_decoding(self) -> bool:
-        """True for the causal LMs the RowCache path handles; else the reason is in `decoding_unsupported`."""
-        try:
-            self._stepper()
-        except NotImplementedError as exc:
-            self.decoding_unsupported = str(exc)
+        """True for the causal LMs the RowCache path handles; else the reason is in `decoding_unsupported`.
+        Cheap once warm_up has checked (an instance made without it checks at the first ask)."""
+        return self.check_decoding()
+
+    def check_decoding(self) -> bool:
+        """Once: whether the model decodes step by step through the row cache, found by decoding a
+        token (`CausalLMStepper.check`), so that a model whose attention does not fit (Bloom) fails
+        to load with the reason (kept in `decoding_unsupported`) instead of failing every request."""
+        if not self._step_wise:
             return False
-        return True
+        if not self._decoding_checked:
+            from pipeserve.backends.stepper import CausalLMStepper
 
-    def _stepper(self) -> Any:
-        if self._decoding is None:
-            from pipeserve.backends.decoding import CausalLMStepper
+            try:
+                stepper = CausalLMStepper(self.model)
+                with torch.inference_mode(), self._on_stream():
+                    stepper.check(self.device)
+            except NotImplementedError as exc:
+                self.decoding_unsupported = str(exc)
+            else:
+                self._stepper = stepper
+            self._decoding_checked = True
+        return self._stepper is not None
 
-            stepper = CausalLMStepper(self.model)
-            with torch.inference_mode(), self._on_stream():
-                stepper.check(self.device)
-            self._decoding = stepper
-        return self._decoding
+    def _decoder(self) -> CausalLMStepper:
+        if not self.check_decoding():
+            raise NotImplementedError(self.decoding_unsupported)
+        assert self._stepper is not None
+        return self._stepper
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
@@ -146,4 +167,6 @@ class EagerBackend(Backend):
         threads = spec.parameters.get("matmul_threads", "")
         if threads and (not threads.isdigit() or int(threads) < 1):
             raise ValueError(f"backend_parameters.matmul_threads must be a whole number >= 1, got {threads!r}")
-        return EagerInstance(model, device, cpu_matmul, int(threads) if threads else None)
+        # Only a causal LM (text-generation's class) decodes step by step; warm_up checks that it can.
+        return EagerInstance(model, device, cpu_matmul, int(threads) if threads else None,
+                             step_wise=spec.model_class == "AutoModelForCausalLM")

@@ -69,7 +69,7 @@ PLANS = (
 
 def build_models() -> Path:
     """The two models, built once into the bench cache, and a repository that serves them."""
-    from pipeserve.server.repository.default_models import build_default_repository
+    from pipeserve.model_builder import build_default_repository
 
     built = build_default_repository(MODELS_DIR, only={plan.model for plan in PLANS})
     if built:

@@ -103,7 +103,7 @@ class Load:
 
 def build_model() -> Path:
     """The model, built once into the bench cache, and a repository entry that serves it."""
-    from pipeserve.server.repository.default_models import build_default_repository
+    from pipeserve.model_builder import build_default_repository
 
     built = build_default_repository(MODELS_DIR, only={MODEL})
     if built:

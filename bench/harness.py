@@ -37,8 +37,11 @@ class BenchServer:
 
     def __init__(self, repository: Path, models: Sequence[str], *extra: str, log_name: str = "server"):
         self.port = free_port()
+        # HTTP (KServe v2 REST, OpenAI) on a free port of its own: http_url.
+        self.http_port = free_port()
         self.args = [sys.executable, "-m", "pipeserve.server.cli", "serve", "--model-repository", str(repository),
-                     "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "-1",
+                     "--host", "127.0.0.1", "--port", str(self.port), "--http-port", str(self.http_port),
+                     "--metrics-port", "-1",
                      "--load-models", *models, *extra]
         self.log_path = OUT / f"{log_name}.log"
         self.proc: subprocess.Popen | None = None
@@ -46,6 +49,10 @@ class BenchServer:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def __enter__(self) -> BenchServer:
         OUT.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Assembles the gRPC server: adapters, health, reflection, listeners, and the drain on shutdown."""
+"""Assembles the server: the gRPC adapters, health, reflection, the HTTP listener, and the drain on shutdown."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from grpc_reflection.v1alpha import reflection
 from pipeserve.server import listeners
 from pipeserve.server.adapters import services
 from pipeserve.server.adapters.health import HealthReporter
+from pipeserve.server.adapters.http.app import build_http_app
+from pipeserve.server.adapters.http.listener import HttpListener
+from pipeserve.server.control_plane import ControlPlane
 from pipeserve.server.dataplane import DataPlane
 from pipeserve.server.metrics import MetricsExporter
 from pipeserve.server.model_control import RepositoryPoller
@@ -36,13 +39,17 @@ class PipeserveServer:
         self.poller = (RepositoryPoller(self.registry, settings.repository_poll_seconds)
                        if settings.model_control_mode == "poll" else None)
         self.plane = DataPlane(self.registry)
-        self.services = services(self.plane, self.registry)
+        self.control = ControlPlane(self.registry, self.plane.gate)
+        self.services = services(self.plane, self.control)
         self.health = HealthReporter([s.full_name for s in self.services])
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         # The plaintext health-only listener (settings.health_port), when configured.
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
+        # The HTTP listener (settings.http_port; None with -1) and its bound port.
+        self.http: HttpListener | None = None
+        self.http_port: int | None = None
         self.ready = asyncio.Event()
         self._stopped = False
 
@@ -88,6 +95,7 @@ class PipeserveServer:
         health_listener = await listeners.start_health_listener(self.settings, self.health.servicer)
         if health_listener is not None:
             self.health_server, self.health_port = health_listener
+        await self._start_http()
         log.info("listening on %s", ", ".join(self.addresses()))
         await self.registry.load_all(self.settings.load_models or None)
         if self.poller is not None:
@@ -96,10 +104,19 @@ class PipeserveServer:
         self.ready.set()
         log.info("ready: %d model versions", len(self.registry.all_served()))
 
+    async def _start_http(self) -> None:
+        if self.settings.http_port < 0:
+            return
+        self.http = HttpListener(build_http_app(self.plane, self.control, self.settings), self.settings)
+        self.http_port = await self.http.start()
+
     def addresses(self) -> list[str]:
         found = []
         if self.port is not None:
             found.append(f"{self.settings.host}:{self.port}")
+        if self.http_port is not None:
+            scheme = "https" if self.http is not None and self.http.tls else "http"
+            found.append(f"{scheme}://{self.settings.host}:{self.http_port}")
         if self.settings.unix_socket:
             found.append(f"unix:{self.settings.unix_socket}")
         if self.health_port is not None:
@@ -122,6 +139,8 @@ class PipeserveServer:
             log.warning("grace period over with %d calls in flight; cancelling them", self.plane.gate.in_flight)
         if self.server is not None:
             await self.server.stop(1.0)
+        if self.http is not None:
+            await self.http.stop()
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.registry.close()

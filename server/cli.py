@@ -54,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _models_init(args: argparse.Namespace) -> int:
-    from pipeserve.server.repository.default_models import build_default_repository
+    from pipeserve.model_builder import build_default_repository
 
     started = time.perf_counter()
 
@@ -69,13 +69,14 @@ def _models_init(args: argparse.Namespace) -> int:
 
 
 def _models_list(args: argparse.Namespace) -> int:
-    from pipeserve.server.repository.config import parse_model_config
+    from pipeserve.server.repository.config import CONFIG_FILE, read_model_config_fields
     from pipeserve.server.repository.repository import ModelRepository
 
     repo = ModelRepository(Path(args.dir))
     for name in repo.model_names():
-        config = parse_model_config(repo.model_folder(name) / "config.pbtxt")
-        print(f"{name:24} {config.task:28} {config.backend or 'eager'}")
+        # The fields as written, unvalidated: a listing shows a model whose config is wrong too.
+        fields = read_model_config_fields(repo.model_folder(name) / CONFIG_FILE)
+        print(f"{name:24} {fields.get('task', ''):28} {fields.get('backend') or 'eager'}")
     return 0
 
 

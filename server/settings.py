@@ -13,6 +13,9 @@ class ServerSettings:
     host: str = "0.0.0.0"
     # TCP port for gRPC (8001, as Triton); 0 picks a free port; -1 disables TCP.
     port: int = 8001
+    # TCP port for HTTP (8000, as Triton): KServe v2 REST, the pipelines, the OpenAI API; 0 picks
+    # a free port; -1 disables HTTP. Same host, TLS, token and size limit as the gRPC port.
+    http_port: int = 8000
     # Also (or only, with port -1) listen on this unix domain socket path. Always plaintext:
     # the file's permissions guard it (a sidecar's shared volume), the bearer token still applies.
     unix_socket: str = ""

@@ -22,14 +22,16 @@ REPOSITORY = Path(os.environ.get("PIPESERVE_TEST_REPOSITORY", ROOT / "model_repo
 
 @pytest.fixture(scope="session")
 def model_repository() -> Path:
-    from pipeserve.server.repository.default_models import build_default_repository
+    from pipeserve.model_builder import build_default_repository
 
     build_default_repository(REPOSITORY)
     return REPOSITORY
 
 
 def server_settings(repository: Path, **overrides) -> ServerSettings:
-    settings = ServerSettings(model_repository=repository, host="127.0.0.1", port=0, metrics_port=-1, grace_period=5)
+    # Ports 0: free ones, so that test servers never clash (self.port, self.http_port tell which).
+    settings = ServerSettings(model_repository=repository, host="127.0.0.1", port=0, http_port=0, metrics_port=-1,
+                              grace_period=5)
     for key, value in overrides.items():
         setattr(settings, key, value)
     return settings

@@ -65,6 +65,13 @@ class ServerThread:
         assert self.server is not None and self.server.port is not None
         return f"127.0.0.1:{self.server.port}"
 
+    @property
+    def http_url(self) -> str:
+        """The HTTP listener's base URL (http_port must not be -1)."""
+        assert self.server is not None and self.server.http_port is not None
+        scheme = "https" if self.settings.tls_cert else "http"
+        return f"{scheme}://127.0.0.1:{self.server.http_port}"
+
     def run(self, coro, timeout: float = 60):
         """Runs a coroutine on the server's loop (to inspect or change server state)."""
         assert self.loop is not None
@@ -93,10 +100,15 @@ def free_port() -> int:
 class ServerProcess:
     """`pipeserve serve` as a real subprocess (signals, exit codes, the CLI itself)."""
 
-    def __init__(self, repository: Path, *extra: str, env: dict[str, str] | None = None, port: int | None = None):
+    def __init__(self, repository: Path, *extra: str, env: dict[str, str] | None = None, port: int | None = None,
+                 http: bool = False):
         self.port = port or free_port()
+        # HTTP on a free port of its own when the test wants it; off otherwise (the default 8000
+        # would clash between test servers).
+        self.http_port = free_port() if http else -1
         self.args = [sys.executable, "-m", "pipeserve.server.cli", "serve", "--model-repository", str(repository),
-                     "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "-1", *extra]
+                     "--host", "127.0.0.1", "--port", str(self.port), "--http-port", str(self.http_port),
+                     "--metrics-port", "-1", *extra]
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pipeserve-{self.port}.log"
@@ -104,6 +116,11 @@ class ServerProcess:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        assert self.http_port > 0, "started without http=True"
+        return f"http://127.0.0.1:{self.http_port}"
 
     def start(self, timeout: float = 120) -> ServerProcess:
         self._log = open(self.log_path, "wb")

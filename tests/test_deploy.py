@@ -291,8 +291,16 @@ def test_dockerfile_builds_pipeserve_as_a_non_root_user(path: Path):
     runs = " ".join(value for op, value in instructions if op == "RUN")
     assert 'pip install ".[models]"' in runs and "torch==2.13.0" in runs
     copied = {value.split()[0] for op, value in instructions if op == "COPY" and "--from" not in value}
-    for needed in ("protos", "server", "backends", "clients/python"):
+    # Every folder pyproject.toml installs a package from must be in the image (and let through
+    # by the .dockerignore).
+    import tomllib
+
+    folders = {folder.split("/")[0] if folder.startswith("protos") else folder for folder in
+               tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()}
+    ignore = (path.parent / f"{path.name}.dockerignore").read_text().split()
+    for needed in folders:
         assert needed in copied, needed
+        assert f"!{needed}/" in ignore, needed
     users = [value for op, value in instructions if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
     assert parser.baseimage and ":" in parser.baseimage  # a pinned tag, not latest

@@ -50,7 +50,7 @@ def write_model(repo: Path, name: str, source: Path, body: str = "", versions: t
 
 @pytest.fixture(scope="module")
 def tiny_classifier() -> Path:
-    from pipeserve.server.repository.default_models import build_default_repository
+    from pipeserve.model_builder import build_default_repository
 
     build_default_repository(REPOSITORY, only={"tiny-classifier"})
     return REPOSITORY / "tiny-classifier"
@@ -383,7 +383,7 @@ def test_instances_split_the_cores_and_work_goes_to_the_idle_one(sched: ServerTh
     share = cpu_threads_per_instance(2)
     # Each worker thread runs with its share of torch's intra-op threads, or the count asked for.
     assert [inst.executor.submit(torch.get_num_threads).result(10) for inst in instances] == [share, share]
-    alone = sched.call(lambda: sched.server.registry.get("one-thread")).group.instances
+    alone = sched.call(lambda: sched.server.registry.get("one-thread")).pool.instances
     assert [inst.executor.submit(torch.get_num_threads).result(10) for inst in alone] == [1]
     with grpc.insecure_channel(sched.target) as channel:
         stub = classify_stub(channel)
@@ -509,13 +509,13 @@ def test_gpu_instances_run_on_their_devices_each_on_its_own_stream(tmp_path: Pat
     write_model(tmp_path, "cpu-one", tiny_classifier, "max_batch_size: 8 dynamic_batching { } instance_group [ { kind: KIND_CPU } ]")
     server = ServerThread(server_settings(tmp_path)).start()
     try:
-        pair = server.call(lambda: server.server.registry.get("gpu-pair")).group.instances
+        pair = server.call(lambda: server.server.registry.get("gpu-pair")).pool.instances
         assert [str(inst.device) for inst in pair] == ["cuda:0", "cuda:0"]
         streams = [inst.backend_instance.stream for inst in pair]
         assert all(s is not None and s.cuda_stream != torch.cuda.default_stream(0).cuda_stream for s in streams)
         assert streams[0].cuda_stream != streams[1].cuda_stream
         assert [inst.executor.submit(torch.cuda.current_device).result(10) for inst in pair] == [0, 0]
-        every = server.call(lambda: server.server.registry.get("gpu-all")).group.instances
+        every = server.call(lambda: server.server.registry.get("gpu-all")).pool.instances
         assert [str(inst.device) for inst in every] == [f"cuda:{i}" for i in range(gpus)]
         assert [inst.executor.submit(torch.cuda.current_device).result(10) for inst in every] == list(range(gpus))
 

@@ -171,7 +171,7 @@ def test_served_over_the_wire_like_eager(export_repo: Path, tmp_path: Path):
     try:
         for name in ("sentiment", "minilm"):
             summary = server.call(lambda n=name: server.server.registry.get(f"{n}-torchscript"))
-            assert summary.config.backend == "torchscript"
+            assert summary.settings.backend == "torchscript"
         eager = pipeline("text-classification", "sentiment", target=server.target)
         scripted = pipeline("text-classification", "sentiment-torchscript", target=server.target)
         raw = {"top_k": None, "function_to_apply": "none"}  # logits: a random model's scores sit near 0.5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from pipeserve.client import pipeline
-from pipeserve.server.repository.default_models import TRANSLATION_PREFIX
+from pipeserve.model_builder import TRANSLATION_PREFIX
 from pipeserve.v1 import seq2seq_generation_pb2 as seq2seq
 from pipeserve.v1 import translation_pb2 as pb
 from pipeserve.v1 import translation_pb2_grpc as pb_grpc

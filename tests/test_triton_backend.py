@@ -115,7 +115,7 @@ def test_instances_share_one_channel(served: ServerThread, triton: TritonProcess
     def clients():
         registry = served.server.registry
         return [inst.backend_instance.client for name in ("sentiment-triton", "sentiment-tensorrt")
-                for inst in registry.get(name).group.instances]
+                for inst in registry.get(name).pool.instances]
 
     found = served.call(clients)
     assert len(found) == 4  # two instances each

@@ -54,8 +54,11 @@ class ConnectionOptions:
     retries: int = 3
     backoff: float = 0.1
     max_backoff: float = 5.0
-    # Wait for the channel to connect (within the deadline) instead of failing at once with
-    # UNAVAILABLE while the server is not up yet: for apps that start beside their sidecar.
+    # Ride through the server's transient states within the call's deadline instead of failing at
+    # once with UNAVAILABLE: wait for the channel to connect (the server is not up yet), and keep
+    # retrying UNAVAILABLE answers (models still loading, a reload, a replica draining) past
+    # `retries`, with backoff, until the deadline (none: until answered). For apps that start
+    # beside their sidecar.
     wait_for_ready: bool = False
     # Extra metadata on every call (keys in lower case), e.g. (("x-request-id", "..."),).
     metadata: tuple[tuple[str, str], ...] = ()
@@ -114,7 +117,7 @@ class ConnectionOptions:
 
     def delay(self, attempt: int) -> float:
         """Exponential backoff with jitter, so that many clients do not retry in step."""
-        return min(self.max_backoff, self.backoff * (2**attempt)) * (0.5 + random.random() / 2)
+        return min(self.max_backoff, self.backoff * (2 ** min(attempt, 30))) * (0.5 + random.random() / 2)
 
 
 class CallBudget:
@@ -135,7 +138,9 @@ class CallBudget:
 
     def retry_delay(self, error: grpc.RpcError, attempt: int) -> float | None:
         """Seconds to wait before the next attempt, or None when the error is final."""
-        if error.code() not in RETRYABLE or attempt >= self.options.retries:
+        if error.code() not in RETRYABLE:
+            return None
+        if attempt >= self.options.retries and not self.options.wait_for_ready:
             return None
         delay = self.options.delay(attempt)
         if self.deadline is not None and time.monotonic() + delay >= self.deadline:

@@ -1,7 +1,8 @@
 """Protocol adapters: the only layer that sees protobuf messages and gRPC status codes.
 
 `services()` lists every gRPC service the server exposes; adding a protocol or a task service
-means adding its line here.
+means adding its line here. Inference goes through the DataPlane, model management through the
+ControlPlane; an adapter only translates messages.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pipeserve.server.control_plane import ControlPlane
 from pipeserve.server.dataplane import DataPlane
-from pipeserve.server.model_registry import ModelRegistry
 
 
 @dataclass(frozen=True)
@@ -21,22 +22,24 @@ class Service:
     add_to_server: Callable[[Any, Any], None]
 
 
-def services(plane: DataPlane, registry: ModelRegistry) -> list[Service]:
+def pipeserve_service(name: str, servicer: Any, grpc_module: Any) -> Service:
+    """pipeserve.v1.`name`, registered by its generated module's add_<name>Servicer_to_server."""
+    return Service(f"pipeserve.v1.{name}", servicer, getattr(grpc_module, f"add_{name}Servicer_to_server"))
+
+
+def services(plane: DataPlane, control: ControlPlane) -> list[Service]:
     from pipeserve.server.adapters.feature_extraction import FeatureExtractionServicer
     from pipeserve.server.adapters.model_service import ModelServicer
     from pipeserve.server.adapters.text_classification import TextClassificationServicer
     from pipeserve.v1 import feature_extraction_pb2_grpc, model_service_pb2_grpc, text_classification_pb2_grpc
 
     return [
-        Service("pipeserve.v1.TextClassificationService", TextClassificationServicer(plane),
-                text_classification_pb2_grpc.add_TextClassificationServiceServicer_to_server),
-        Service("pipeserve.v1.FeatureExtractionService", FeatureExtractionServicer(plane),
-                feature_extraction_pb2_grpc.add_FeatureExtractionServiceServicer_to_server),
+        pipeserve_service("TextClassificationService", TextClassificationServicer(plane), text_classification_pb2_grpc),
+        pipeserve_service("FeatureExtractionService", FeatureExtractionServicer(plane), feature_extraction_pb2_grpc),
         *_encoder_task_services(plane),
         *_generation_services(plane),
-        Service("pipeserve.v1.ModelService", ModelServicer(plane),
-                model_service_pb2_grpc.add_ModelServiceServicer_to_server),
-        _kserve_service(plane),
+        pipeserve_service("ModelService", ModelServicer(plane, control), model_service_pb2_grpc),
+        _kserve_service(plane, control),
     ]
 
 
@@ -48,22 +51,19 @@ def _generation_services(plane: DataPlane) -> list[Service]:
     from pipeserve.v1 import summarization_pb2_grpc, text_generation_pb2_grpc, translation_pb2_grpc
 
     return [
-        Service("pipeserve.v1.TextGenerationService", TextGenerationServicer(plane),
-                text_generation_pb2_grpc.add_TextGenerationServiceServicer_to_server),
-        Service("pipeserve.v1.SummarizationService", SummarizationServicer(plane),
-                summarization_pb2_grpc.add_SummarizationServiceServicer_to_server),
-        Service("pipeserve.v1.TranslationService", TranslationServicer(plane),
-                translation_pb2_grpc.add_TranslationServiceServicer_to_server),
+        pipeserve_service("TextGenerationService", TextGenerationServicer(plane), text_generation_pb2_grpc),
+        pipeserve_service("SummarizationService", SummarizationServicer(plane), summarization_pb2_grpc),
+        pipeserve_service("TranslationService", TranslationServicer(plane), translation_pb2_grpc),
     ]
 
 
-def _kserve_service(plane: DataPlane) -> Service:
+def _kserve_service(plane: DataPlane, control: ControlPlane) -> Service:
     """inference.GRPCInferenceService (KServe v2 / Triton), from the modules tritonclient ships."""
     from tritonclient.grpc import service_pb2_grpc
 
     from pipeserve.server.adapters.kserve import KServeServicer
 
-    return Service("inference.GRPCInferenceService", KServeServicer(plane),
+    return Service("inference.GRPCInferenceService", KServeServicer(plane, control),
                    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server)
 
 
@@ -83,14 +83,12 @@ def _encoder_task_services(plane: DataPlane) -> list[Service]:
     )
 
     return [
-        Service("pipeserve.v1.TokenClassificationService", TokenClassificationServicer(plane),
-                token_classification_pb2_grpc.add_TokenClassificationServiceServicer_to_server),
-        Service("pipeserve.v1.QuestionAnsweringService", QuestionAnsweringServicer(plane),
-                question_answering_pb2_grpc.add_QuestionAnsweringServiceServicer_to_server),
-        Service("pipeserve.v1.FillMaskService", FillMaskServicer(plane),
-                fill_mask_pb2_grpc.add_FillMaskServiceServicer_to_server),
-        Service("pipeserve.v1.ZeroShotClassificationService", ZeroShotClassificationServicer(plane),
-                zero_shot_classification_pb2_grpc.add_ZeroShotClassificationServiceServicer_to_server),
-        Service("pipeserve.v1.ImageClassificationService", ImageClassificationServicer(plane),
-                image_classification_pb2_grpc.add_ImageClassificationServiceServicer_to_server),
+        pipeserve_service("TokenClassificationService", TokenClassificationServicer(plane),
+                          token_classification_pb2_grpc),
+        pipeserve_service("QuestionAnsweringService", QuestionAnsweringServicer(plane), question_answering_pb2_grpc),
+        pipeserve_service("FillMaskService", FillMaskServicer(plane), fill_mask_pb2_grpc),
+        pipeserve_service("ZeroShotClassificationService", ZeroShotClassificationServicer(plane),
+                          zero_shot_classification_pb2_grpc),
+        pipeserve_service("ImageClassificationService", ImageClassificationServicer(plane),
+                          image_classification_pb2_grpc),
     ]

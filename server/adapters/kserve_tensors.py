@@ -48,31 +48,49 @@ def _field(name: str) -> str:
 def decode_tensor(tensor: v2.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
     """One request tensor as a numpy array of its shape (BYTES: an object array of bytes)."""
     field = _field(tensor.name)
-    if tensor.datatype not in DATATYPES:
-        raise InvalidArgument(field, f"datatype {tensor.datatype!r} is unknown; v2 datatypes: {', '.join(DATATYPES)}")
-    shape = list(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(field, f"shape {shape} has a negative dimension")
-    count = element_count(shape)
-    dtype, contents_field = DATATYPES[tensor.datatype]
+    shape = check_shape(tensor.name, tensor.datatype, tensor.shape)
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidArgument(field, "carries both contents and raw_input_contents; send one")
-        if tensor.datatype == "BYTES":
-            flat = _split_bytes(raw, field)
-        else:
-            if len(raw) != count * dtype.itemsize:
-                needed = count * dtype.itemsize
-                raise InvalidArgument(
-                    field, f"raw contents hold {len(raw)} bytes; shape {shape} of {tensor.datatype} needs {needed}")
-            flat = np.frombuffer(raw, dtype=dtype)
+        return decode_raw(tensor.name, tensor.datatype, shape, raw)
+    dtype, contents_field = DATATYPES[tensor.datatype]
+    if contents_field is None:
+        raise InvalidArgument(field, f"{tensor.datatype} travels only in raw_input_contents")
+    values = getattr(tensor.contents, contents_field)
+    flat = np.array(list(values), dtype=dtype) if tensor.datatype == "BYTES" else np.asarray(values, dtype=dtype)
+    return reshaped(tensor.name, flat, shape)
+
+
+def check_shape(name: str, datatype: str, shape: Sequence[int]) -> list[int]:
+    """The declared shape of a request tensor, once its datatype is known and no dimension negative."""
+    field = _field(name)
+    if datatype not in DATATYPES:
+        raise InvalidArgument(field, f"datatype {datatype!r} is unknown; v2 datatypes: {', '.join(DATATYPES)}")
+    shape = list(shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(field, f"shape {shape} has a negative dimension")
+    return shape
+
+
+def decode_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
+    """A tensor from its raw bytes, as gRPC's raw_input_contents and HTTP's binary tensors carry
+    it (BYTES: 4-byte little-endian lengths, each followed by its bytes; others: little-endian values)."""
+    field = _field(name)
+    if datatype == "BYTES":
+        flat = _split_bytes(raw, field)
     else:
-        if contents_field is None:
-            raise InvalidArgument(field, f"{tensor.datatype} travels only in raw_input_contents")
-        values = getattr(tensor.contents, contents_field)
-        flat = np.array(list(values), dtype=dtype) if tensor.datatype == "BYTES" else np.asarray(values, dtype=dtype)
+        dtype, _ = DATATYPES[datatype]
+        needed = element_count(shape) * dtype.itemsize
+        if len(raw) != needed:
+            raise InvalidArgument(field, f"raw contents hold {len(raw)} bytes; shape {shape} of {datatype} needs {needed}")
+        flat = np.frombuffer(raw, dtype=dtype)
+    return reshaped(name, flat, shape)
+
+
+def reshaped(name: str, flat: np.ndarray, shape: list[int]) -> np.ndarray:
+    count = element_count(shape)
     if len(flat) != count:
-        raise InvalidArgument(field, f"holds {len(flat)} elements but its shape {shape} needs {count}")
+        raise InvalidArgument(_field(name), f"holds {len(flat)} elements but its shape {shape} needs {count}")
     return flat.reshape(shape)
 
 
@@ -96,15 +114,20 @@ def _split_bytes(raw: bytes, field: str) -> np.ndarray:
 def encode_tensor(name: str, datatype: str, array: np.ndarray) -> tuple[v2.ModelInferResponse.InferOutputTensor, bytes]:
     """A response tensor and its raw bytes (responses always use raw_output_contents, as Triton does)."""
     meta = v2.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=list(array.shape))
+    return meta, raw_bytes(datatype, array)
+
+
+def raw_bytes(datatype: str, array: np.ndarray) -> bytes:
+    """An array as raw tensor bytes (the layout `decode_raw` reads)."""
     if datatype == "BYTES":
         parts = []
         for item in array.reshape(-1):
             data = item if isinstance(item, bytes) else str(item).encode("utf-8")
             parts.append(_LENGTH.pack(len(data)))
             parts.append(data)
-        return meta, b"".join(parts)
+        return b"".join(parts)
     dtype, _ = DATATYPES[datatype]
-    return meta, np.ascontiguousarray(array, dtype=dtype).tobytes()
+    return np.ascontiguousarray(array, dtype=dtype).tobytes()
 
 
 def utf8_strings(array: np.ndarray, name: str) -> list[str]:

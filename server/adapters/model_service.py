@@ -1,38 +1,54 @@
-"""pipeserve.v1.ModelService: listing, loading and unloading models, and their statistics."""
+"""pipeserve.v1.ModelService over the control plane: listing, loading and unloading models, and their statistics."""
 
 from __future__ import annotations
 
 from pipeserve.server.adapters.status import unary_rpc
+from pipeserve.server.control_plane import ControlPlane, ModelEntry, VersionState, VersionStatistics
 from pipeserve.server.dataplane import DataPlane
-from pipeserve.server.model_registry import ModelRegistry, ModelStatus
-from pipeserve.server.scheduling.stats import ModelStats
+from pipeserve.server.repository.config import settings_to_proto
+from pipeserve.server.scheduling.stats import Duration
 from pipeserve.v1 import model_service_pb2 as pb
 from pipeserve.v1 import model_service_pb2_grpc as pb_grpc
+from pipeserve.v1.model_config_pb2 import ModelConfig
 
 
-def summary(status: ModelStatus, registry: ModelRegistry) -> pb.ModelSummary:
-    config = registry.configs.get(status.name)
+def summary(state: VersionState) -> pb.ModelSummary:
     return pb.ModelSummary(
-        name=status.name,
-        version=status.version,
-        task=status.task,
-        backend=status.backend,
-        state=pb.ModelState.Value(f"MODEL_STATE_{status.state}"),
-        reason=status.reason,
-        default_for_task=bool(config and config.default_for_task),
+        name=state.name,
+        version=state.version,
+        task=state.task,
+        backend=state.backend,
+        state=pb.ModelState.Value(f"MODEL_STATE_{state.state}"),
+        reason=state.reason,
+        default_for_task=state.default_for_task,
     )
 
 
-def statistics(name: str, version: int, stats: ModelStats) -> pb.ModelStatistics:
+def config(entry: ModelEntry) -> ModelConfig:
+    """The model's settings with every default written out; for a config.pbtxt that does not
+    validate, what it names (the versions' reasons say what is wrong)."""
+    if entry.settings is not None:
+        return settings_to_proto(entry.settings)
+    error = entry.config_error
+    assert error is not None  # no settings: the config did not validate
+    return ModelConfig(name=entry.name, task=error.task, backend=error.backend)
+
+
+def _duration(duration: Duration) -> pb.DurationStat:
+    return pb.DurationStat(count=duration.count, total_ns=duration.total_ns)
+
+
+def statistics(model: VersionStatistics) -> pb.ModelStatistics:
+    stats = model.stats
     return pb.ModelStatistics(
-        name=name,
-        version=version,
+        name=model.name,
+        version=model.version,
         success_count=stats.success,
         failure_count=stats.failure,
         inference_count=stats.inferences,
         execution_count=stats.executions,
-        queue=pb.DurationStat(count=stats.queue.count, total_ns=stats.queue.total_ns),
-        compute=pb.DurationStat(count=stats.compute.count, total_ns=stats.compute.total_ns),
+        queue=_duration(stats.queue),
+        compute=_duration(stats.compute),
         batch_sizes=dict(stats.batch_sizes),
         in_flight=stats.in_flight,
         queued=stats.queued,
@@ -40,47 +56,33 @@ def statistics(name: str, version: int, stats: ModelStats) -> pb.ModelStatistics
         generated_tokens=stats.generated_tokens,
         instance_restarts=stats.instance_restarts,
         active_sequences=stats.active_sequences,
-        time_to_first_token=pb.DurationStat(count=stats.time_to_first_token.count,
-                                            total_ns=stats.time_to_first_token.total_ns),
+        time_to_first_token=_duration(stats.time_to_first_token),
     )
 
 
 class ModelServicer(pb_grpc.ModelServiceServicer):
-    def __init__(self, plane: DataPlane):
-        self.plane = plane
-        self.registry = plane.registry
+    def __init__(self, plane: DataPlane, control: ControlPlane):
+        self.plane = plane  # its gate: calls are refused once the server drains
+        self.control = control
 
     @unary_rpc()
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        statuses = sorted(self.registry.status.values(), key=lambda s: (s.name, s.version))
-        if request.ready_only:
-            statuses = [s for s in statuses if s.state == "READY"]
-        return pb.ListModelsResponse(models=[summary(s, self.registry) for s in statuses])
+        return pb.ListModelsResponse(models=[summary(s) for s in self.control.versions(ready_only=request.ready_only)])
 
     @unary_rpc()
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.GetModelResponse:
-        config, _ = self.registry.repository.read_config(request.name)
-        config = self.registry.configs.get(request.name, config)
-        versions = [s for (n, _), s in sorted(self.registry.status.items()) if n == request.name]
-        return pb.GetModelResponse(config=config, versions=[summary(s, self.registry) for s in versions])
+        entry = self.control.model(request.name)
+        return pb.GetModelResponse(config=config(entry), versions=[summary(s) for s in entry.versions])
 
     @unary_rpc()
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
-        self.registry.require_control()
-        statuses = await self.registry.load(request.name)
-        return pb.LoadModelResponse(versions=[summary(s, self.registry) for s in statuses])
+        return pb.LoadModelResponse(versions=[summary(s) for s in await self.control.load(request.name)])
 
     @unary_rpc()
     async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
-        self.registry.require_control()
-        await self.registry.unload(request.name)
+        await self.control.unload(request.name)
         return pb.UnloadModelResponse()
 
     @unary_rpc()
     async def GetModelStatistics(self, request: pb.GetModelStatisticsRequest, context) -> pb.GetModelStatisticsResponse:
-        if request.name:
-            self.registry.get(request.name)  # NOT_FOUND names the models that exist
-            models = list(self.registry.served[request.name].values())
-        else:
-            models = self.registry.all_served()
-        return pb.GetModelStatisticsResponse(models=[statistics(m.name, m.version, m.stats) for m in models])
+        return pb.GetModelStatisticsResponse(models=[statistics(m) for m in self.control.statistics(request.name)])

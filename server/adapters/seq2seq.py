@@ -1,4 +1,5 @@
-"""pipeserve.v1.Seq2SeqGenerationParameters (summarization, translation) as transformers' generate() names."""
+"""What summarization and translation requests share: pipeserve.v1.Seq2SeqGenerationParameters as
+transformers' generate() names, and clean_up_tokenization_spaces."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from pipeserve.v1 import seq2seq_generation_pb2 as pb
 _FIELDS = tuple(field.name for field in pb.Seq2SeqGenerationParameters.DESCRIPTOR.fields)
 
 
-def parameters(message: pb.Seq2SeqGenerationParameters) -> dict[str, Any]:
-    """The parameters a request sets (every field is optional: unset ones are left out)."""
-    return {name: getattr(message, name) for name in _FIELDS if message.HasField(name)}
+def parameters(request: Any) -> dict[str, Any]:
+    """The parameters a SummarizeRequest or TranslateRequest sets (every generation field is
+    optional: unset ones are left out)."""
+    message = request.parameters
+    params = {name: getattr(message, name) for name in _FIELDS if message.HasField(name)}
+    params["clean_up_tokenization_spaces"] = request.clean_up_tokenization_spaces
+    return params

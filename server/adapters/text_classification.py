@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeserve.server.adapters.status import timeout_of, unary_rpc
-from pipeserve.server.dataplane import DataPlane
+from pipeserve.server.adapters.status import unary_rpc
+from pipeserve.server.adapters.task_service import TaskServicer, enum_option
 from pipeserve.server.errors import InvalidArgument
 from pipeserve.v1 import text_classification_pb2 as pb
 from pipeserve.v1 import text_classification_pb2_grpc as pb_grpc
@@ -21,9 +21,7 @@ _FUNCTIONS = {
 def function_to_apply(value: int) -> str | None:
     """The wire enum as the task's parameter (None: the model's default). Image classification
     shares the enum."""
-    if value not in _FUNCTIONS:
-        raise InvalidArgument("function_to_apply", f"unknown value {value}")
-    return _FUNCTIONS[value]
+    return enum_option("function_to_apply", _FUNCTIONS, value)
 
 
 def classifications(results: list) -> list[pb.Classification]:
@@ -31,9 +29,8 @@ def classifications(results: list) -> list[pb.Classification]:
     return [pb.Classification(labels=[pb.LabelScore(label=d["label"], score=d["score"]) for d in r]) for r in results]
 
 
-class TextClassificationServicer(pb_grpc.TextClassificationServiceServicer):
-    def __init__(self, plane: DataPlane):
-        self.plane = plane
+class TextClassificationServicer(TaskServicer, pb_grpc.TextClassificationServiceServicer):
+    task = TASK
 
     @unary_rpc(TASK)
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
@@ -46,11 +43,5 @@ class TextClassificationServicer(pb_grpc.TextClassificationServiceServicer):
                   "has_text_pairs": bool(request.text_pairs)}
         if request.HasField("top_k"):
             params["top_k"] = request.top_k
-        served, results = await self.plane.infer(
-            TASK, inputs, params, model=request.model, version=request.model_version, timeout=timeout_of(context)
-        )
-        return pb.ClassifyResponse(
-            results=classifications(results),
-            model=served.name,
-            model_version=served.version,
-        )
+        results, answered = await self.infer(request, inputs, params, context)
+        return pb.ClassifyResponse(results=classifications(results), **answered)

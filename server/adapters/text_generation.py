@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeserve.server.adapters.status import stream_rpc, timeout_of, unary_rpc
-from pipeserve.server.dataplane import DataPlane
-from pipeserve.server.generation.stream import TokenEvent, TokenLogprob
+from pipeserve.server.adapters.task_service import TaskServicer
+from pipeserve.server.generation.outputs import TokenEvent, TokenLogprob
 from pipeserve.v1 import text_generation_pb2 as pb
 from pipeserve.v1 import text_generation_pb2_grpc as pb_grpc
 
@@ -41,9 +41,8 @@ def logprobs(items: Sequence[TokenLogprob]) -> list[pb.TokenLogprob]:
             for lp in items]
 
 
-class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
-    def __init__(self, plane: DataPlane):
-        self.plane = plane
+class TextGenerationServicer(TaskServicer, pb_grpc.TextGenerationServiceServicer):
+    task = TASK
 
     @unary_rpc(TASK)
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
@@ -52,10 +51,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
             params["return_full_text"] = request.return_full_text
         if request.HasField("num_return_sequences"):
             params["num_return_sequences"] = request.num_return_sequences
-        served, results = await self.plane.infer(
-            TASK, list(request.inputs), params, model=request.model, version=request.model_version,
-            timeout=timeout_of(context),
-        )
+        results, answered = await self.infer(request, list(request.inputs), params, context)
         return pb.GenerateResponse(
             results=[pb.GeneratedSequences(sequences=[
                 pb.GeneratedText(
@@ -64,8 +60,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
                     usage=pb.Usage(prompt_tokens=r["prompt_tokens"], generated_tokens=r["generated_tokens"]),
                     logprobs=logprobs(r["logprobs"]),
                 ) for r in per_input]) for per_input in results],
-            model=served.name,
-            model_version=served.version,
+            **answered,
         )
 
     @stream_rpc(TASK)

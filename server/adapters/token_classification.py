@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pipeserve.server.adapters.status import timeout_of, unary_rpc
-from pipeserve.server.dataplane import DataPlane
-from pipeserve.server.errors import InvalidArgument
+from pipeserve.server.adapters.status import unary_rpc
+from pipeserve.server.adapters.task_service import TaskServicer, enum_option
 from pipeserve.v1 import token_classification_pb2 as pb
 from pipeserve.v1 import token_classification_pb2_grpc as pb_grpc
 
@@ -31,23 +30,15 @@ def _entity(d: dict) -> pb.TokenEntity:
     return entity
 
 
-class TokenClassificationServicer(pb_grpc.TokenClassificationServiceServicer):
-    def __init__(self, plane: DataPlane):
-        self.plane = plane
+class TokenClassificationServicer(TaskServicer, pb_grpc.TokenClassificationServiceServicer):
+    task = TASK
 
     @unary_rpc(TASK)
     async def ClassifyTokens(self, request: pb.ClassifyTokensRequest, context) -> pb.ClassifyTokensResponse:
-        if request.aggregation_strategy not in _STRATEGIES:
-            raise InvalidArgument("aggregation_strategy", f"unknown value {request.aggregation_strategy}")
-        params: dict = {"aggregation_strategy": _STRATEGIES[request.aggregation_strategy]}
+        params: dict = {"aggregation_strategy": enum_option("aggregation_strategy", _STRATEGIES,
+                                                            request.aggregation_strategy)}
         if request.HasField("ignore_labels"):
             params["ignore_labels"] = list(request.ignore_labels.labels)
-        served, results = await self.plane.infer(
-            TASK, list(request.inputs), params, model=request.model, version=request.model_version,
-            timeout=timeout_of(context),
-        )
-        return pb.ClassifyTokensResponse(
-            results=[pb.TokenEntities(entities=[_entity(d) for d in r]) for r in results],
-            model=served.name,
-            model_version=served.version,
-        )
+        results, answered = await self.infer(request, list(request.inputs), params, context)
+        return pb.ClassifyTokensResponse(results=[pb.TokenEntities(entities=[_entity(d) for d in r]) for r in results],
+                                         **answered)

@@ -3,34 +3,28 @@
 from __future__ import annotations
 
 from pipeserve.server.adapters.seq2seq import parameters
-from pipeserve.server.adapters.status import timeout_of, unary_rpc
-from pipeserve.server.dataplane import DataPlane
+from pipeserve.server.adapters.status import unary_rpc
+from pipeserve.server.adapters.task_service import TaskServicer
 from pipeserve.v1 import translation_pb2 as pb
 from pipeserve.v1 import translation_pb2_grpc as pb_grpc
 
 TASK = "translation"
 
 
-class TranslationServicer(pb_grpc.TranslationServiceServicer):
-    def __init__(self, plane: DataPlane):
-        self.plane = plane
+class TranslationServicer(TaskServicer, pb_grpc.TranslationServiceServicer):
+    task = TASK
 
     @unary_rpc(TASK)
     async def Translate(self, request: pb.TranslateRequest, context) -> pb.TranslateResponse:
-        params = parameters(request.parameters)
-        params["clean_up_tokenization_spaces"] = request.clean_up_tokenization_spaces
+        params = parameters(request)
         if request.src_lang:
             params["src_lang"] = request.src_lang
         if request.tgt_lang:
             params["tgt_lang"] = request.tgt_lang
-        served, results = await self.plane.infer(
-            TASK, list(request.inputs), params, model=request.model, version=request.model_version,
-            timeout=timeout_of(context),
-        )
+        results, answered = await self.infer(request, list(request.inputs), params, context)
         return pb.TranslateResponse(
             results=[pb.Translations(translations=[pb.Translation(translation_text=t["translation_text"])
                                                    for t in per_input])
                      for per_input in results],
-            model=served.name,
-            model_version=served.version,
+            **answered,
         )

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pipeserve.server.adapters.status import timeout_of, unary_rpc
-from pipeserve.server.dataplane import DataPlane
+from pipeserve.server.adapters.status import unary_rpc
+from pipeserve.server.adapters.task_service import TaskServicer
 from pipeserve.v1 import zero_shot_classification_pb2 as pb
 from pipeserve.v1 import zero_shot_classification_pb2_grpc as pb_grpc
 
 TASK = "zero-shot-classification"
 
 
-class ZeroShotClassificationServicer(pb_grpc.ZeroShotClassificationServiceServicer):
-    def __init__(self, plane: DataPlane):
-        self.plane = plane
+class ZeroShotClassificationServicer(TaskServicer, pb_grpc.ZeroShotClassificationServiceServicer):
+    task = TASK
 
     @unary_rpc(TASK)
     async def ClassifyZeroShot(self, request: pb.ClassifyZeroShotRequest, context) -> pb.ClassifyZeroShotResponse:
@@ -21,12 +20,5 @@ class ZeroShotClassificationServicer(pb_grpc.ZeroShotClassificationServiceServic
             "hypothesis_template": request.hypothesis_template or None,
             "multi_label": request.multi_label,
         }
-        served, results = await self.plane.infer(
-            TASK, list(request.inputs), params, model=request.model, version=request.model_version,
-            timeout=timeout_of(context),
-        )
-        return pb.ClassifyZeroShotResponse(
-            results=[pb.ZeroShotClassification(**r) for r in results],
-            model=served.name,
-            model_version=served.version,
-        )
+        results, answered = await self.infer(request, list(request.inputs), params, context)
+        return pb.ClassifyZeroShotResponse(results=[pb.ZeroShotClassification(**r) for r in results], **answered)

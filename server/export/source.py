@@ -22,11 +22,11 @@ from pipeserve.backends.eager import EagerBackend
 from pipeserve.backends.registry import backend_names
 from pipeserve.server.errors import PipeserveError
 from pipeserve.server.export.versions import has_model_config
-from pipeserve.server.repository.config import validate_model_config
+from pipeserve.server.repository.config import read_model_config_fields
+from pipeserve.server.repository.model_settings import ModelSettings
 from pipeserve.server.repository.repository import ModelRepository, ModelVersionSource
 from pipeserve.server.tasks.base import TaskContext
 from pipeserve.server.tasks.registry import canonical_task_name, task_class, task_names
-from pipeserve.v1.model_config_pb2 import ModelConfig
 
 log = logging.getLogger("pipeserve.export")
 
@@ -55,7 +55,10 @@ class ExportSource:
     """An eager model of the repository, loaded on CPU as the server loads it, with its signature."""
 
     repository: ModelRepository
-    config: ModelConfig
+    settings: ModelSettings
+    # Its config.pbtxt's fields as written (no defaults filled in): what an export's own config
+    # starts from (versions.sibling_config).
+    config_fields: dict[str, Any]
     version: ModelVersionSource
     task_name: str
     model_class: str
@@ -75,29 +78,25 @@ class ExportSource:
         from transformers import AutoConfig
 
         repo = ModelRepository(Path(repository))
-        config, path = repo.read_config(name)
-        config = validate_model_config(config, path, name, task_names(), backend_names())
-        if config.backend != "eager":
-            raise ExportError(f"model {name!r} is served by backend {config.backend!r}; an export starts from an "
+        settings, path = repo.read_settings(name, task_names(), backend_names())
+        if settings.backend != "eager":
+            raise ExportError(f"model {name!r} is served by backend {settings.backend!r}; an export starts from an "
                               "eager model (its transformers weights)")
-        sources = repo.version_sources(name, config, path)
+        sources = repo.version_sources(name, settings, path)
         if version:
             sources = [s for s in sources if s.version == version]
             if not sources:
                 raise ExportError(f"model {name!r} has no version {version} selected by its version_policy")
         source = sources[-1]
         where = str(source.local_path) if source.local_path is not None else source.hub_id
-        kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
-        if source.revision:
-            kwargs["revision"] = source.revision
-        hf_config = AutoConfig.from_pretrained(where, **kwargs)
-        task_cls = task_class(config.task)
-        task = task_cls(TaskContext(config=config, source=where, revision=source.revision, hf_config=hf_config))
+        hf_config = AutoConfig.from_pretrained(where, **settings.pretrained_kwargs)
+        task_cls = task_class(settings.task)
+        task = task_cls(TaskContext(settings=settings, source=where, revision=source.revision, hf_config=hf_config))
         model_class = getattr(task, "model_class", task_cls.model_class)
         spec = ModelSpec(
             name=name, version=source.version, local_path=source.local_path, hub_id=source.hub_id,
-            revision=source.revision, model_class=model_class, parameters=dict(config.backend_parameters),
-            trust_remote_code=config.trust_remote_code, input_names=task_cls.input_names,
+            revision=source.revision, model_class=model_class, parameters=dict(settings.backend_parameters),
+            trust_remote_code=settings.trust_remote_code, input_names=task_cls.input_names,
             output_names=task_cls.output_names,
         )
         # The eager backend itself loads it: the export traces exactly what eager serving runs.
@@ -111,15 +110,16 @@ class ExportSource:
         ignored = tuple(dict.fromkeys(n for n in wanted if n not in accepted))
         missing = [n for n in task_cls.input_names if n not in names]
         if missing:
-            raise ExportError(f"{type(model).__name__}.forward takes no {missing}, which task {config.task!r} sends")
-        return cls(repo, config, source, canonical_task_name(config.task) or config.task, model_class, model,
-                   hf_config, processor, names, ignored, tuple(task_cls.input_names), tuple(task_cls.output_names))
+            raise ExportError(f"{type(model).__name__}.forward takes no {missing}, which task {settings.task!r} sends")
+        return cls(repo, settings, read_model_config_fields(path), source,
+                   canonical_task_name(settings.task) or settings.task, model_class, model, hf_config, processor,
+                   names, ignored, tuple(task_cls.input_names), tuple(task_cls.output_names))
 
     def target(self, name: str, suffix: str, backend: str) -> tuple[str, Path, bool]:
         """Where an export served by `backend` goes: its model name (`name`, default `<model>-<suffix>`),
         that model's folder in the repository, and whether the folder has a config.pbtxt already
         (kept; one for another backend is an ExportError, raised before anything is written)."""
-        model = self.config.name
+        model = self.settings.name
         name = name or f"{model}-{suffix}"
         if name == model:
             raise ExportError("the export must go to another model than its source (see --name)")
@@ -131,7 +131,7 @@ class ExportSource:
 
     @property
     def label(self) -> str:
-        return f"{self.config.name}/{self.version.version}"
+        return f"{self.settings.name}/{self.version.version}"
 
     @property
     def is_generation(self) -> bool:

@@ -23,13 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from google.protobuf import text_format
 
 from pipeserve.server.export.source import (
     CHECK_BATCH, CHECK_DECODER_LENGTH, CHECK_LENGTH, TRACE_BATCH, TRACE_DECODER_LENGTH, TRACE_LENGTH,
     ExportError, ExportSource, wrap)
 from pipeserve.server.export.versions import add_version, sibling_config, write_config
-from pipeserve.v1.model_config_pb2 import InstanceGroup
 
 log = logging.getLogger("pipeserve.export")
 
@@ -120,7 +118,8 @@ def check_with_onnxruntime(source: ExportSource, path: Path, batch: dict[str, to
 
 def triton_config_text(name: str, max_batch_size: int, inputs: tuple[TensorShape, ...],
                        outputs: tuple[TensorShape, ...]) -> str:
-    """Triton's config.pbtxt for the plan, written through Triton's own ModelConfig message."""
+    """Triton's config.pbtxt for the plan, written through Triton's own ModelConfig message (whose
+    str() is protobuf text format)."""
     from tritonclient.grpc import model_config_pb2 as triton
 
     config = triton.ModelConfig(name=name, platform="tensorrt_plan", max_batch_size=max_batch_size)
@@ -130,7 +129,7 @@ def triton_config_text(name: str, max_batch_size: int, inputs: tuple[TensorShape
         config.output.add(name=shape.name, data_type=triton.DataType.Value(f"TYPE_{shape.datatype}"), dims=shape.dims[1:])
     config.instance_group.add(kind=triton.ModelInstanceGroup.KIND_GPU, count=1)
     config.dynamic_batching.max_queue_delay_microseconds = 100
-    return text_format.MessageToString(config)
+    return str(config)
 
 
 def trtexec_shapes(inputs: tuple[TensorShape, ...], batch: int, length: int) -> str:
@@ -189,8 +188,8 @@ def export_tensorrt(repository: Path, model: str, triton_repository: Path, name:
                           "encoder tasks: generation needs a KV-cache engine (e.g. TensorRT-LLM). Serve it with "
                           "backend eager, or export a no-cache decoder step with --backend torchscript")
     name, pipeserve_folder, keep_config = source.target(name, "tensorrt", "triton")
-    max_batch_size = source.config.max_batch_size
-    max_length = (max_sequence_length or source.config.max_sequence_length
+    max_batch_size = source.settings.max_batch_size
+    max_length = (max_sequence_length or source.settings.max_sequence_length
                   or getattr(source.hf_config, "max_position_embeddings", 0) or 512)
 
     triton_folder = Path(triton_repository).resolve() / name
@@ -213,17 +212,16 @@ def export_tensorrt(repository: Path, model: str, triton_repository: Path, name:
     source.copy_support_files(pipeserve_folder)
     pipeserve_config = pipeserve_folder / "config.pbtxt"
     if not keep_config:
-        config = sibling_config(source.config, name, "triton")
-        config.max_sequence_length = max_length
-        del config.instance_group[:]
+        config = sibling_config(source.config_fields, name, "triton")
+        config["max_sequence_length"] = max_length
         # Instances of a remote backend are concurrent callers: two keep Triton's batcher fed.
-        config.instance_group.add(count=2, kind=InstanceGroup.KIND_CPU)
-        config.backend_parameters.update({
+        config["instance_group"] = [{"count": 2, "kind": "KIND_CPU"}]
+        config["backend_parameters"] = {
             "url": triton_url,
             "model_name": name,
             "inputs": ",".join(f"{t.name}:{t.datatype}" for t in inputs),
             "outputs": ",".join(f"{t.name}:{t.datatype}" for t in outputs),
-        })
+        }
         write_config(pipeserve_folder, config)
     log.info("exported %s for TensorRT: Triton %s version %d, pipeserve %s", source.label, triton_folder,
              triton_version, pipeserve_folder)

@@ -92,6 +92,6 @@ def export_torchscript(repository: Path, model: str, name: str = "", version: in
 
     number, final = add_version(folder, write)
     if not config_exists:
-        write_config(folder, sibling_config(source.config, name, "torchscript"))
+        write_config(folder, sibling_config(source.config_fields, name, "torchscript"))
     log.info("exported %s as %s version %d (max difference from eager %s)", source.label, name, number, diffs)
     return TorchScriptExport(name, number, final, signature, diffs, not config_exists)

@@ -10,15 +10,20 @@ serving beside it, which makes comparing the two a matter of naming the model in
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
-from pipeserve.server.repository.config import CONFIG_FILE, is_valid_model_name, parse_model_config
-from pipeserve.server.repository.default_models import write_model_config
-from pipeserve.v1.model_config_pb2 import ModelConfig
+from pipeserve.server.repository.config import (
+    CONFIG_FILE,
+    is_valid_model_name,
+    read_model_config_fields,
+    write_model_config,
+)
 
 
 def version_numbers(model_folder: Path) -> list[int]:
@@ -54,21 +59,17 @@ def add_version(model_folder: Path, write: Callable[[Path], None]) -> tuple[int,
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def sibling_config(source: ModelConfig, name: str, backend: str) -> ModelConfig:
-    """The serving config of an exported model: the source's, under its own name and backend.
+def sibling_config(source: Mapping[str, Any], name: str, backend: str) -> dict[str, Any]:
+    """The serving config of an exported model: the source's config.pbtxt fields (as
+    `read_model_config_fields` gives them), under its own name and backend.
 
     It never takes over the task's default (the eager model keeps it); weights-loading settings
-    (source, backend_parameters) do not apply to the exported artefact.
+    (source, backend_parameters) and the source's version policy do not apply to the export.
     """
-    config = ModelConfig()
-    config.CopyFrom(source)
-    config.name = name
-    config.backend = backend
-    config.default_for_task = False
-    config.ClearField("source")
-    config.ClearField("backend_parameters")
-    config.ClearField("version_policy")
-    return config
+    fields = {key: copy.deepcopy(value) for key, value in source.items()
+              if key not in ("source", "backend_parameters", "version_policy")}
+    fields.update(name=name, backend=backend, default_for_task=False)
+    return fields
 
 
 def has_model_config(model_folder: Path, backend: str) -> bool:
@@ -77,16 +78,18 @@ def has_model_config(model_folder: Path, backend: str) -> bool:
     path = model_folder / CONFIG_FILE
     if not path.is_file():
         return False
-    existing = parse_model_config(path)
-    if (existing.backend or "eager") != backend:
-        raise ValueError(f"{path} serves with backend {existing.backend!r}, not {backend!r}; "
+    existing = read_model_config_fields(path).get("backend") or "eager"
+    if existing != backend:
+        raise ValueError(f"{path} serves with backend {existing!r}, not {backend!r}; "
                          "export under another --name or fix that config")
     return True
 
 
-def write_config(model_folder: Path, config: ModelConfig) -> Path:
-    """Writes config.pbtxt, after the version folders: a polling server then sees a whole model."""
-    if not is_valid_model_name(config.name):
-        raise ValueError(f"model name {config.name!r} is not valid (letters, digits, '_', '.', '-')")
+def write_config(model_folder: Path, fields: Mapping[str, Any]) -> Path:
+    """Writes config.pbtxt from its fields, after the version folders: a polling server then sees a
+    whole model (and write_model_config renames the file into place whole)."""
+    name = fields.get("name", "")
+    if not is_valid_model_name(name):
+        raise ValueError(f"model name {name!r} is not valid (letters, digits, '_', '.', '-')")
     model_folder.mkdir(parents=True, exist_ok=True)
-    return write_model_config(model_folder, config)
+    return write_model_config(model_folder, fields)

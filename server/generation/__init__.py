@@ -1,8 +1,12 @@
-"""Generation: the continuous batching engine and the small objects it steps sequences with.
+"""Generation: the continuous batching engine, split as vLLM splits its engine.
 
-engine.py       GenerationEngine (one InstanceDecoder per model instance), SequencePlan
+engine.py       GenerationEngine (one InstanceDecoder loop per model instance): composes the parts
+scheduler.py    Scheduler: admission, budgets, Overloaded, deadlines, the refill wait (no torch)
+runner.py       StepRunner: the forward of one step on one instance (joint, or prefill/decode)
+outputs.py      the output processor: token choice hand-off, stopping, text deltas, logprobs,
+                FinishReason, TokenEvent, SequenceOutcome, StoppingCriteria
+delivery.py     SequenceOutput: one sequence's bounded queue of events for its reader
+sequence.py     SequencePlan (what the task builds), SequenceState (the engine's view)
 sampling.py     SamplingParams, TokenChooser: greedy or sampled next token, per-sequence seed
-stopping.py     StoppingCriteria, FinishReason: eos, length, stop sequences
 detokenizer.py  IncrementalDetokenizer: text deltas right for multi-byte characters and merges
-stream.py       SequenceStream, TokenEvent: what a sequence's reader receives
 """

@@ -244,9 +244,12 @@ def model_config_text(fields: Mapping[str, Any]) -> str:
 
 
 def write_model_config(folder: Path, fields: Mapping[str, Any]) -> Path:
-    """Writes `folder`/config.pbtxt from `fields` (see model_config_text); returns its path."""
+    """Writes `folder`/config.pbtxt from `fields` (see model_config_text); returns its path. The
+    file appears whole (written beside it, then renamed), so a polling server never reads half."""
     path = Path(folder) / CONFIG_FILE
-    path.write_text(model_config_text(fields), encoding="utf-8")
+    partial = path.with_name(f".{CONFIG_FILE}.partial")
+    partial.write_text(model_config_text(fields), encoding="utf-8")
+    partial.replace(path)
     return path
 
 

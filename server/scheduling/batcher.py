@@ -21,28 +21,18 @@ its deadline, or failed) leaves the queue at once; an input whose deadline passe
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeserve.backends.base import InstanceDead
-from pipeserve.server.errors import (
-    BackendError,
-    BackendUnavailable,
-    DeadlineExceeded,
-    InvalidArgument,
-    ModelNotReady,
-    Overloaded,
-    PipeserveError,
-)
+from pipeserve.server.errors import DeadlineExceeded, InvalidArgument, ModelNotReady, Overloaded, PipeserveError
 from pipeserve.server.scheduling.cost import BatchCostModel
+from pipeserve.server.scheduling.execution import BATCH, Execution, OnInstanceDead
 from pipeserve.server.scheduling.instances import InstancePool, ModelInstance
 from pipeserve.server.scheduling.stats import ModelStats
 from pipeserve.server.scheduling.work import Request, WorkItem
-
-log = logging.getLogger("pipeserve.scheduler")
 
 # Candidates considered for one batch, as a multiple of its size: room to group by length.
 GROUPING_WINDOW = 4
@@ -50,8 +40,6 @@ GROUPING_WINDOW = 4
 SOLO_STREAK = 4
 
 Execute = Callable[[ModelInstance, Sequence[WorkItem]], list[Any]]
-# Called on the event loop when a batch finds its instance dead (the backend raised InstanceDead).
-OnInstanceDead = Callable[[ModelInstance, InstanceDead], None]
 
 
 class DynamicBatcher:
@@ -88,6 +76,8 @@ class DynamicBatcher:
         self.default_priority = default_priority or (len(self.queues) + 1) // 2
         self.cost = BatchCostModel()
         self.on_instance_dead = on_instance_dead
+        # Failures, dead instances and execution counts, as the generation engine has them too.
+        self.execution = Execution(label, stats, on_instance_dead, BATCH)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poke_pending = False
         self._timer: asyncio.TimerHandle | None = None
@@ -343,18 +333,9 @@ class DynamicBatcher:
             results = self.execute(instance, batch)
             if len(results) != len(batch):
                 raise RuntimeError(f"the task returned {len(results)} results for {len(batch)} inputs")
-        except InstanceDead as exc:
-            died = exc
-            log.error("model %s instance %d died while running a batch of %d: %s", self.label, instance.index,
-                      len(batch), exc)
-            results = [BackendUnavailable(f"model {self.label} instance {instance.index} died while running the batch "
-                                          f"({exc}); it is being replaced, retry")] * len(batch)
-        except PipeserveError as exc:
-            results = [exc] * len(batch)
         except Exception as exc:  # a model bug must fail its batch, never the server
-            log.exception("model %s failed on a batch of %d", self.label, len(batch))
-            error = BackendError(f"model {self.label} failed while running the batch: {type(exc).__name__}: {exc}")
-            results = [error] * len(batch)
+            failure = self.execution.failure(exc, instance, f"a batch of {len(batch)}")
+            results, died = [failure.error] * len(batch), failure.died
         return results, time.perf_counter() - started, died
 
     def _finish(self, instance: ModelInstance, batch: list[WorkItem],
@@ -363,19 +344,9 @@ class DynamicBatcher:
         self._running_batches -= 1
         results, seconds, died = outcome
         if died is not None:
-            # No batch goes to it until it is replaced; without a way to replace it, it stays dead.
-            instance.state = "restarting" if self.on_instance_dead is not None else "dead"
-            if self.on_instance_dead is not None:
-                self.on_instance_dead(instance, died)
-        stats = self.stats
+            self.execution.instance_died(instance, died)
         n = len(batch)
-        stats.executions += 1
-        stats.inferences += n
-        stats.batch_sizes[n] += 1
-        stats.compute.add(seconds)
-        if stats.listeners:
-            stats.notify("batch", n)
-            stats.notify("compute_seconds", seconds)
+        self.execution.executed(n, seconds)
         if died is None:
             self.cost.observe(n, max(it.size for it in batch), seconds)
         for item, result in zip(batch, results):

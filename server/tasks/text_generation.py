@@ -17,10 +17,9 @@ from typing import Any
 
 from pipeserve.server.errors import InvalidArgument
 from pipeserve.server.generation.detokenizer import IncrementalDetokenizer
-from pipeserve.server.generation.engine import PlanFactory, SequencePlan
+from pipeserve.server.generation.outputs import SequenceOutcome, StoppingCriteria
 from pipeserve.server.generation.sampling import SamplingParams, TokenChooser
-from pipeserve.server.generation.stopping import StoppingCriteria
-from pipeserve.server.generation.stream import SequenceOutcome
+from pipeserve.server.generation.sequence import PlanFactory, SequencePlan
 from pipeserve.server.tasks.base import TaskParams, TokenizingTask, check_int
 from pipeserve.server.tasks.generation_params import (
     GENERATE_DEFAULTS,

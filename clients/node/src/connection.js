@@ -21,7 +21,8 @@ const RETRYABLE = new Set([grpc.status.UNAVAILABLE]);
  * @property {number} [timeout] seconds for a whole call, retries included
  * @property {number} [retries] attempts after the first on UNAVAILABLE (default 3)
  * @property {number} [backoff] first backoff in seconds (default 0.1), doubled per attempt, with jitter
- * @property {boolean} [waitForReady] wait for the server to come up instead of failing at once
+ * @property {boolean} [waitForReady] wait for the server to come up, and keep retrying UNAVAILABLE
+ *   answers (models loading, a reload, a drain) until the deadline, instead of failing at once
  * @property {Record<string,string>} [metadata] extra metadata on every call
  * @property {string} [lbPolicy] 'round_robin' spreads calls over every address of a dns:/// target
  */
@@ -80,8 +81,11 @@ class CallBudget {
 
   // Milliseconds before the next attempt, or null when the error is final.
   retryDelay(error, attempt) {
-    if (!RETRYABLE.has(error?.code) || attempt >= (this.options.retries ?? 3)) return null;
-    const base = (this.options.backoff ?? 0.1) * 1000 * 2 ** attempt;
+    if (!RETRYABLE.has(error?.code)) return null;
+    // waitForReady rides through transient states (models loading, a reload, a drain) until the
+    // deadline; otherwise `retries` caps the attempts.
+    if (attempt >= (this.options.retries ?? 3) && !this.options.waitForReady) return null;
+    const base = (this.options.backoff ?? 0.1) * 1000 * 2 ** Math.min(attempt, 30);
     const delay = Math.min(base, 5000) * (0.5 + Math.random() / 2);
     if (this.deadline !== null && Date.now() + delay >= this.deadline) return null;
     return delay;

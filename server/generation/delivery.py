@@ -1,71 +1,17 @@
-"""What a sequence sends its reader: token events, through a bounded buffer, then an end."""
+"""Delivery: what one sequence hands its reader, through a bounded buffer, then an end."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 from pipeserve.server.errors import Overloaded, PipeserveError
-from pipeserve.server.generation.stopping import FinishReason
+from pipeserve.server.generation.outputs import SequenceOutcome, TokenEvent
 
 
-@dataclass(frozen=True)
-class TopLogprob:
-    token_id: int
-    token: str
-    logprob: float
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[TopLogprob, ...] = ()
-
-
-@dataclass
-class TokenEvent:
-    """New tokens of one sequence and the text they complete. The last event of a sequence has
-    `finish_reason` and the usage counts set."""
-
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    # Seconds from arrival to the first token (last event only).
-    time_to_first_token: float = 0.0
-
-    def merge(self, later: TokenEvent) -> None:
-        """Folds a later event of the same sequence into this one (for a reader that fell behind)."""
-        self.token_ids += later.token_ids
-        self.text += later.text
-        self.logprobs += later.logprobs
-        if later.finish_reason is not None:
-            self.finish_reason = later.finish_reason
-            self.prompt_tokens = later.prompt_tokens
-            self.generated_tokens = later.generated_tokens
-            self.time_to_first_token = later.time_to_first_token
-
-
-@dataclass
-class SequenceOutcome:
-    """A whole sequence, for unary calls."""
-
-    token_ids: list[int]
-    text: str
-    logprobs: list[TokenLogprob]
-    finish_reason: FinishReason
-    prompt_tokens: int
-    generated_tokens: int
-    time_to_first_token: float
-
-
-class SequenceStream:
-    """The reader's end of one sequence. Lives on the event loop.
+class SequenceOutput:
+    """The reader's end of one sequence: its events as the engine makes them. Lives on the event loop.
 
     The engine `push`es events; beyond `limit` unread events the reader is too slow and the
     sequence ends with RESOURCE_EXHAUSTED (the reader still gets the events before that). The
@@ -89,7 +35,7 @@ class SequenceStream:
         return self._finished or self._error is not None or self.cancelled
 
     def push(self, event: TokenEvent) -> bool:
-        """Queues an event; False (and the stream fails) when the reader is `limit` events behind."""
+        """Queues an event; False (and the sequence fails) when the reader is `limit` events behind."""
         if self.closed:
             return True
         if self.limit is not None and len(self._events) >= self.limit and event.finish_reason is None:
