@@ -12,7 +12,7 @@ from pipeserve.backends.errors import BackendError, BackendUnavailable, Instance
 
 __all__ = [
     "BackendError", "BackendUnavailable", "Cancelled", "ConfigError", "DeadlineExceeded", "InstanceDead",
-    "InvalidArgument", "ModelControlDisabled", "ModelNotFound", "ModelNotReady", "Overloaded", "PipeserveError",
+    "InvalidArgument", "ModelControlDisabled", "ModelLoadFailed", "ModelNotFound", "ModelNotReady", "Overloaded", "PipeserveError",
     "ShuttingDown", "Unimplemented", "WrongTask",
 ]
 
@@ -46,7 +46,17 @@ class WrongTask(PipeserveError):
 
 
 class ModelNotReady(PipeserveError):
+    """The repository holds the model but it cannot answer yet (loading, reloading, unloading, an
+    instance being replaced): retrying will do."""
+
     code = "UNAVAILABLE"
+
+
+class ModelLoadFailed(PipeserveError):
+    """The model failed to load (the reason says why), or is held but not loaded: a retry will not
+    help until its files are fixed or it is loaded."""
+
+    code = "FAILED_PRECONDITION"
 
 
 class ModelControlDisabled(PipeserveError):

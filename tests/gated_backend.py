@@ -55,12 +55,23 @@ class Gate:
 
 
 _gates: dict[str, Gate] = {}
+_load_gates: dict[str, threading.Event] = {}
 _gates_lock = threading.Lock()
 
 
 def gate(model: str) -> Gate:
     with _gates_lock:
         return _gates.setdefault(model, Gate())
+
+
+def load_gate(model: str) -> threading.Event:
+    """Set (open) unless a test clears it: while clear, loading the model waits (start-up and
+    load requests stay in progress, as a big model's would)."""
+    with _gates_lock:
+        if model not in _load_gates:
+            _load_gates[model] = threading.Event()
+            _load_gates[model].set()
+        return _load_gates[model]
 
 
 class GatedInstance(Instance):
@@ -81,6 +92,8 @@ class GatedBackend(EagerBackend):
     name = NAME
 
     def load(self, spec: ModelSpec, device: torch.device) -> Instance:
+        if not load_gate(spec.name).wait(GATE_TIMEOUT_S):
+            raise RuntimeError("the test never opened the load gate")
         return GatedInstance(super().load(spec, device), gate(spec.name))
 
 

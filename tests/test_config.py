@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeserve.backends.registry import backend_names
-from pipeserve.server.errors import ConfigError, ModelNotFound
+from pipeserve.server.errors import ConfigError, InvalidArgument
 from pipeserve.server.repository.config import parse_model_config, validate_model_config
 from pipeserve.server.repository.model_settings import VersionPolicy
 from pipeserve.server.repository.repository import ModelRepository
@@ -59,7 +59,7 @@ def test_valid_config_gets_defaults(tmp_path):
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", "..", ".hidden", "", "x" * 200])
 def test_model_names_cannot_leave_the_repository(tmp_path, name):
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(InvalidArgument, match="not a valid model name"):
         ModelRepository(tmp_path).model_folder(name)
 
 

@@ -73,7 +73,10 @@ def test_unload_and_load_again_without_restart(explicit):
     assert client.is_model_ready("clf")
     client.unload_model("clf")
     assert not client.is_model_ready("clf")
-    assert error_of(lambda: client.infer("clf", text(["x"]))).status() == "StatusCode.NOT_FOUND"
+    # Held by the repository but not loaded: not NOT_FOUND (that is for what the repository does
+    # not hold), and not retryable either: someone must load it.
+    error = error_of(lambda: client.infer("clf", text(["x"])))
+    assert error.status() == "StatusCode.FAILED_PRECONDITION" and "not loaded; load it" in error.message()
     index = {(m.name, m.version): m.state for m in client.get_model_repository_index().models}
     assert index[("clf", "1")] == "UNAVAILABLE"
     client.unload_model("clf")  # unloading an unloaded repository model is done already, as in Triton
@@ -106,7 +109,7 @@ def test_failed_load_leaves_the_previous_version_serving(explicit):
     weights.write_bytes(b"not safetensors")
     try:
         error = error_of(lambda: client.load_model("clf"))
-        assert error.status() == "StatusCode.UNAVAILABLE" and "previous version keeps serving" in error.message()
+        assert error.status() == "StatusCode.FAILED_PRECONDITION" and "previous version keeps serving" in error.message()
         assert client.is_model_ready("clf") and labels_of(client, "clf") == ["NEGATIVE", "POSITIVE"]
     finally:
         weights.unlink()
@@ -138,7 +141,7 @@ def test_unload_lets_in_flight_requests_finish(explicit):
     results, unload_seconds = asyncio.run(scenario())
     assert [r.as_numpy("LABEL").shape for r in results] == [(1, 1)] * 4
     assert unload_seconds < 4  # the unload ran the queue at once instead of waiting out the delay
-    assert error_of(lambda: client.infer("slow", text(["late"]))).status() == "StatusCode.NOT_FOUND"
+    assert error_of(lambda: client.infer("slow", text(["late"]))).status() == "StatusCode.FAILED_PRECONDITION"
     client.load_model("slow")
     assert client.is_model_ready("slow")
 

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from tritonclient.utils import InferenceServerException
 
+from pipeserve.server.repository.config import is_valid_model_name
 from pipeserve.v1 import model_service_pb2 as ms_pb
 from pipeserve.v1 import model_service_pb2_grpc as ms_grpc
 from pipeserve.v1 import text_classification_pb2 as tc_pb
@@ -142,18 +143,24 @@ ESCAPING_NAMES = ["../inside", "..", ".", "inside/../inside", "./inside", "/etc"
                   "inside/", "%2e%2e", "", "inside\x00", "linked-out"]
 
 
+def expected_refusal(name: str) -> grpc.StatusCode:
+    """A name that is not a valid model name is the caller's mistake (INVALID_ARGUMENT); a valid
+    one that the repository does not hold is NOT_FOUND."""
+    return grpc.StatusCode.NOT_FOUND if is_valid_model_name(name) else grpc.StatusCode.INVALID_ARGUMENT
+
+
 @pytest.mark.parametrize("name", ESCAPING_NAMES)
 def test_model_service_refuses_names_that_leave_the_repository(models, files, name):
     for call in (lambda: models.LoadModel(ms_pb.LoadModelRequest(name=name), timeout=30),
                  lambda: models.GetModel(ms_pb.GetModelRequest(name=name), timeout=30)):
         error = _error(call)
-        assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
-        assert "not valid" in error.details() or "not in the repository" in error.details()
+        assert error.code() == expected_refusal(name), error.details()
+        assert "not a valid model name" in error.details() or "not in the repository" in error.details()
 
 
 def test_absolute_path_to_a_model_folder_is_not_a_name(models, files):
     error = _load_error(models, str(files["outside"]))
-    assert error.code() == grpc.StatusCode.NOT_FOUND and "not valid" in error.details()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid model name" in error.details()
 
 
 def test_kserve_repository_calls_refuse_names_that_leave_the_repository(guarded, files):
@@ -161,7 +168,7 @@ def test_kserve_repository_calls_refuse_names_that_leave_the_repository(guarded,
         for name in ("../inside", "/etc", "linked-out", str(files["outside"])):
             with pytest.raises(InferenceServerException) as info:
                 client.load_model(name)
-            assert info.value.status() == "StatusCode.NOT_FOUND", info.value.message()
+            assert info.value.status() == f"StatusCode.{expected_refusal(name).name}", info.value.message()
             assert not client.is_model_ready(name)
         # A load request cannot carry its own config or files.
         with pytest.raises(InferenceServerException) as info:
@@ -174,7 +181,7 @@ def test_inference_names_are_looked_up_not_opened(guarded, name):
     with grpc.insecure_channel(guarded.target) as channel:
         stub = tc_grpc.TextClassificationServiceStub(channel)
         error = _error(lambda: stub.Classify(tc_pb.ClassifyRequest(model=name, inputs=["x"]), timeout=30))
-        assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
+        assert error.code() == expected_refusal(name), error.details()
         assert stub.Classify(tc_pb.ClassifyRequest(model="inside", inputs=["x"]), timeout=30).model == "inside"
 
 
@@ -184,7 +191,7 @@ def test_any_name_that_is_not_a_model_folder_is_not_found(models, name):
     if name == "inside":
         return
     error = _error(lambda: models.LoadModel(ms_pb.LoadModelRequest(name=name), timeout=30))
-    assert error.code() == grpc.StatusCode.NOT_FOUND, (name, error.details())
+    assert error.code() == expected_refusal(name), (name, error.details())
 
 
 # -- paths in config.pbtxt ---------------------------------------------------------------------------------
@@ -203,7 +210,7 @@ def test_config_source_path_cannot_leave_the_repository(models, name):
 
 def test_weights_only_as_a_pickle_are_refused_with_a_clear_error(models):
     error = _load_error(models, "pickled")
-    assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()  # failed to load: final
     assert "pytorch_model.bin" in error.details() and "safetensors only" in error.details()
     state = models.GetModel(ms_pb.GetModelRequest(name="pickled"), timeout=30).versions
     assert [v.state for v in state] == [ms_pb.MODEL_STATE_FAILED]
@@ -220,7 +227,7 @@ def test_a_booby_trapped_pickle_is_never_opened(models, files):
 
 def test_custom_code_is_refused_without_trust_remote_code(models, files):
     error = _load_error(models, "custom-code")
-    assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()  # failed to load: final
     assert "trust_remote_code" in error.details()
     assert not files["markers"]["untrusted"].exists(), "the model folder's code ran without trust_remote_code"
 

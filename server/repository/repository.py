@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeserve.server.errors import ConfigError, ModelNotFound
+from pipeserve.server.errors import ConfigError, InvalidArgument, ModelNotFound
 from pipeserve.server.repository.config import CONFIG_FILE, is_valid_model_name, read_model_settings
 from pipeserve.server.repository.model_settings import ModelSettings
 
@@ -44,7 +44,8 @@ class ModelRepository:
     def model_folder(self, name: str) -> Path:
         """The folder of a model; names that could leave the repository are refused."""
         if not is_valid_model_name(name):
-            raise ModelNotFound(f"model name {name!r} is not valid (letters, digits, '_', '.', '-')")
+            raise InvalidArgument("model", f"{name!r} is not a valid model name (letters, digits, '_', '.', '-'; "
+                                           "no path separators or '..')")
         folder = (self.root / name).resolve()
         if folder.parent != self.root or not (folder / CONFIG_FILE).is_file():
             raise ModelNotFound(f"model {name!r} is not in the repository; it has: {', '.join(self.model_names()) or 'none'}")
