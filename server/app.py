@@ -27,6 +27,9 @@ log = logging.getLogger("pipeserve.server")
 
 # Calls gRPC holds before the server picks them up; past it, gRPC core cancels arrivals at random.
 PENDING_CALLS_LIMIT = 10_000
+# Seconds between the last call in flight finishing and the listener closing, for calls that
+# reached gRPC core but no handler yet to reach one (and be refused UNAVAILABLE, not cancelled).
+DRAIN_SETTLE_S = 0.1
 
 
 class PipeserveServer:
@@ -137,6 +140,10 @@ class PipeserveServer:
         # the calls in flight the grace period; then close the listeners.
         if not await self.plane.gate.drain(grace):
             log.warning("grace period over with %d calls in flight; cancelling them", self.plane.gate.in_flight)
+        # Calls that reached gRPC core but no handler yet are picked up (and held) meanwhile; then
+        # the held refusals go out and the listener closes at once (see CallGate.REFUSAL_HOLD_S).
+        await asyncio.sleep(DRAIN_SETTLE_S)
+        self.plane.gate.release_refusals()
         if self.server is not None:
             await self.server.stop(1.0)
         if self.http is not None:

@@ -29,17 +29,37 @@ MAX_INPUTS_PER_REQUEST = 4096
 class CallGate:
     """Counts calls in flight and refuses new ones once draining starts (SIGTERM)."""
 
+    # While the server drains, a refused call is held (at most this long) until the listener is
+    # about to close, then answered UNAVAILABLE. A client that resent at once after each refusal
+    # would keep calls arriving until the very end; those that reached gRPC core but not a handler
+    # when the listener closes are cancelled by core (CANCELLED, which no client retries, so the
+    # request is lost) instead of refused. Held, a client has nothing new in flight, and the
+    # listener closes with next to nothing unrequested.
+    REFUSAL_HOLD_S = 1.0
+
     def __init__(self) -> None:
         self.draining = False
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._refusals_released = asyncio.Event()
 
     def enter(self) -> None:
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         self.in_flight += 1
         self._idle.clear()
+
+    async def hold_refusal(self) -> None:
+        """Waits (a refused call, while draining) until `release_refusals` or REFUSAL_HOLD_S."""
+        try:
+            await asyncio.wait_for(self._refusals_released.wait(), self.REFUSAL_HOLD_S)
+        except TimeoutError:
+            pass
+
+    def release_refusals(self) -> None:
+        """The listener closes next: held refusals go out now."""
+        self._refusals_released.set()
 
     def exit(self) -> None:
         self.in_flight -= 1

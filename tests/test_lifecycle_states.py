@@ -358,3 +358,45 @@ def test_in_poll_mode_a_model_added_to_the_repository_is_unavailable_until_the_p
         assert_idle(server.target)
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_under_a_64_client_load_ends_every_call_ok_or_unavailable(model_repository):
+    """Clients that resend at once after each answer (unary and streams), SIGTERM mid-load: no
+    call may end CANCELLED (lost to a client that retries only UNAVAILABLE), the process exits 0."""
+    from tests.server_harness import ServerProcess
+
+    server = ServerProcess(model_repository, "--load-models", "tiny-classifier", "gpt2").start()
+    codes: dict[str, int] = {}
+
+    async def load() -> None:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            classify_rpc = tc_grpc.TextClassificationServiceStub(channel).Classify
+            stream_rpc = tg_grpc.TextGenerationServiceStub(channel).GenerateStream
+            request = tg.GenerateStreamRequest(model="gpt2", input="Hello",
+                                               parameters=tg.GenerationParameters(max_new_tokens=16, do_sample=False))
+
+            async def client(i: int) -> None:
+                while server.proc.poll() is None:
+                    try:
+                        if i % 4 == 0:
+                            async for _ in stream_rpc(request, timeout=30):
+                                pass
+                        else:
+                            await classify_rpc(tc.ClassifyRequest(model="tiny-classifier", inputs=["hi"]), timeout=30)
+                        code = "OK"
+                    except grpc.aio.AioRpcError as exc:
+                        code = exc.code().name
+                    codes[code] = codes.get(code, 0) + 1
+
+            clients = [asyncio.ensure_future(client(i)) for i in range(64)]
+            await asyncio.sleep(2)
+            server.signal()
+            await asyncio.wait(clients, timeout=60)
+
+    try:
+        asyncio.run(load())
+        assert server.wait(30) == 0
+    finally:
+        server.stop()
+    assert codes.get("OK", 0) > 0 and set(codes) <= {"OK", "UNAVAILABLE"}, codes

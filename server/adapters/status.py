@@ -91,6 +91,8 @@ class _CallScope:
             self.gate.enter()
         except PipeserveError as exc:
             _log_line(self.rpc, self.task, exc.code, self.started)
+            if self.gate.draining:
+                await self.gate.hold_refusal()  # see CallGate.REFUSAL_HOLD_S
             await self.context.abort(status_code(exc), details(exc.message))
         try:
             request_priority.set(priority_of(self.context))
