@@ -116,6 +116,12 @@ class ControlPlane:
             found = self._descriptions[served] = _description(served)
         return found
 
+    def describe_for_task(self, task: str, name: str = "", version: int = 0) -> ModelDescription:
+        """The model that answers `task` (the one named, or the task's default), as the data plane
+        would pick it; the same statuses where none does."""
+        served = self.registry.resolve(task, name, version)
+        return self.describe(served.name, served.version)
+
     def served_versions(self, name: str) -> list[int]:
         """The loaded versions of a model, oldest first."""
         return sorted(self.registry.served.get(name, {}))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
@@ -70,7 +71,8 @@ def effective_settings(container: dict[str, Any]) -> ServerSettings:
     env, then its args (flags win), parsed by the server's own CLI parser."""
     from pipeserve.server.cli import build_parser
 
-    env = {"PIPESERVE_MODEL_REPOSITORY": "/models", "PIPESERVE_PORT": "8001", "PIPESERVE_METRICS_PORT": "8002"}
+    env = {"PIPESERVE_MODEL_REPOSITORY": "/models", "PIPESERVE_PORT": "8001", "PIPESERVE_HTTP_PORT": "8000",
+           "PIPESERVE_METRICS_PORT": "8002"}
     env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
     saved = dict(os.environ)
     try:
@@ -97,7 +99,7 @@ def test_the_validator_catches_a_wrong_field():
     """So that a pass above means something: a misspelt probe field fails validation."""
     document = documents(DEPLOY / "kubernetes" / "standalone.yaml")[0]
     container = document["spec"]["template"]["spec"]["containers"][0]
-    container["readinessProbe"]["grpc"]["servce"] = container["readinessProbe"]["grpc"].pop("service")
+    container["livenessProbe"]["grpc"]["servce"] = container["livenessProbe"]["grpc"].pop("service")
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(document, KUBERNETES_VERSIONS[-1], strict=True)
 
@@ -138,8 +140,10 @@ def test_inference_service_uses_the_runtime_and_v2_grpc():
     [container] = runtime["spec"]["containers"]
     settings = effective_settings(container)
     assert str(settings.model_repository) == "/mnt/models"  # where KServe's storage initializer puts it
-    [port] = container["ports"]
-    assert port["name"] == "h2c" and port["containerPort"] == settings.port
+    # KServe's port names: h2c for v2 gRPC, http1 for v2 REST; the runtime declares both protocols.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"h2c": settings.port, "http1": settings.http_port}
+    assert {"grpc-v2", "v2"} <= set(runtime["spec"]["protocolVersions"])
 
 
 # ---------------------------------------------------------------- what the manifests ask of the server
@@ -160,28 +164,76 @@ def _probes(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {kind: container[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe") if kind in container}
 
 
-def test_probes_are_native_grpc_on_a_port_the_server_listens_on_in_plaintext():
+# What an HTTP probe may ask (v2 health: no token needed), by the gRPC health service it stands for.
+HTTP_HEALTH = {LIVENESS: "/v2/health/live", READINESS: "/v2/health/ready"}
+
+
+def _probe_target(probe: dict[str, Any]) -> tuple[str, int, str]:
+    """("grpc" or "http", port, the health service it checks: liveness or readiness)."""
+    if "grpc" in probe:
+        return "grpc", probe["grpc"]["port"], probe["grpc"].get("service", "")
+    assert "httpGet" in probe, f"neither a gRPC nor an HTTP probe: {probe}"
+    service = {path: name for name, path in HTTP_HEALTH.items()}.get(probe["httpGet"]["path"], "")
+    assert probe["httpGet"].get("scheme", "HTTP") == "HTTP"
+    return "http", probe["httpGet"]["port"], service
+
+
+def test_probes_are_grpc_or_http_health_on_a_port_the_server_listens_on_in_plaintext():
     for where, container, _ in pipeserve_containers():
         settings = effective_settings(container)
         probes = _probes(container)
         assert {"readinessProbe", "livenessProbe"} <= set(probes), where
-        # The kubelet's gRPC probe speaks neither TLS nor tokens (health needs no token).
-        plaintext_ports = {settings.health_port} if settings.health_port >= 0 else set()
+        # The kubelet's probes speak neither TLS nor tokens (health needs no token).
+        plaintext = {"grpc": {settings.health_port} if settings.health_port >= 0 else set(), "http": set()}
         if settings.port >= 0 and not settings.tls_cert:
-            plaintext_ports.add(settings.port)
+            plaintext["grpc"].add(settings.port)
+        if settings.http_port >= 0 and not settings.tls_cert:
+            plaintext["http"].add(settings.http_port)
         declared = {p["containerPort"] for p in container.get("ports", [])}
+        services = {}
         for kind, probe in probes.items():
-            assert "grpc" in probe, f"{where}: {kind} is not a gRPC probe"
-            assert probe["grpc"]["port"] in plaintext_ports & declared, f"{where}: {kind} port"
+            protocol, port, services[kind] = _probe_target(probe)
+            assert port in plaintext[protocol] & declared, f"{where}: {kind} port"
         # Liveness must not fail while the server drains or loads models: only "liveness" says so.
-        assert probes["livenessProbe"]["grpc"]["service"] == LIVENESS, where
-        assert probes["readinessProbe"]["grpc"]["service"] == READINESS, where
+        assert services["livenessProbe"] == LIVENESS, where
+        assert services["readinessProbe"] == READINESS, where
+
+
+def test_http_ports_are_declared_and_served():
+    """A container that declares an HTTP port listens there; a Service in its file exposes it;
+    the sidecar (unix socket only) opens no HTTP port."""
+    for path in KUBERNETES:
+        docs = documents(path)
+        for document in docs:
+            spec = pod_spec(document)
+            if spec is None:
+                continue
+            for container in spec.get("initContainers", []) + spec["containers"]:
+                if not container["image"].startswith("pipeserve:"):
+                    continue
+                settings = effective_settings(container)
+                ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+                if "http" not in ports:
+                    assert settings.http_port == -1, f"{path.name}: HTTP listens on an undeclared port"
+                    continue
+                assert ports["http"] == settings.http_port == 8000, path.name
+                exposed = [p for d in docs if d["kind"] == "Service" for p in d["spec"]["ports"]]
+                assert any(p["targetPort"] == "http" and p["port"] == 8000 for p in exposed), path.name
+
+
+def test_http_probe_paths_answer_on_the_running_server(server):
+    """Every HTTP path a manifest probes answers 200 on the running server, without a token."""
+    paths = {probe["httpGet"]["path"] for _, container, _ in pipeserve_containers()
+             for probe in _probes(container).values() if "httpGet" in probe}
+    assert paths and paths <= set(HTTP_HEALTH.values())
+    for path in HTTP_HEALTH.values():
+        assert httpx.get(f"{server.http_url}{path}", timeout=5).status_code == 200, path
 
 
 def test_probe_service_names_are_served_by_the_health_service(target: str):
     """Every service name a manifest probes answers SERVING on the running server."""
     names = {probe["grpc"].get("service", "") for _, container, _ in pipeserve_containers()
-             for probe in _probes(container).values()}
+             for probe in _probes(container).values() if "grpc" in probe}
     assert names == {LIVENESS, READINESS}
     with grpc.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -234,7 +286,8 @@ def test_sidecar_shares_the_socket_with_the_app():
     assert server["restartPolicy"] == "Always"  # a native sidecar: up before the app, down after it
     settings = effective_settings(server)
     socket = Path(settings.unix_socket)
-    assert settings.port == -1 and settings.health_port > 0 and settings.unix_socket_mode == "0660"
+    assert settings.port == -1 and settings.http_port == -1 and settings.health_port > 0
+    assert settings.unix_socket_mode == "0660"
 
     def mount_of(container):
         return {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
@@ -307,7 +360,9 @@ def test_dockerfile_builds_pipeserve_as_a_non_root_user(path: Path):
     entrypoint = [value for op, value in instructions if op == "ENTRYPOINT"]
     assert entrypoint == ['["pipeserve", "serve"]']
     exposed = " ".join(value for op, value in instructions if op == "EXPOSE").split()
-    assert {"8001", "8002"} <= set(exposed)
+    assert {"8000", "8001", "8002"} <= set(exposed)
+    environment = " ".join(value for op, value in instructions if op == "ENV")
+    assert "PIPESERVE_HTTP_PORT=8000" in environment
     assert (path.parent / f"{path.name}.dockerignore").exists()
 
 
@@ -330,3 +385,19 @@ def test_docker_healthcheck_command_exists():
         command = yaml.safe_load(check[check.index("["):])
         assert command[:2] == ["pipeserve", "health"]
         build_parser().parse_args(command[1:])
+
+
+def test_every_python_package_folder_is_installed():
+    """A folder of modules that pyproject.toml's package list lacks is missing from a plain
+    `pip install .` (the container image) while an editable install still finds it."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    for package, folder in setuptools["package-dir"].items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            relative = path.parent.relative_to(ROOT / folder)
+            if "__pycache__" in relative.parts or "node_modules" in relative.parts:
+                continue
+            name = ".".join([package, *relative.parts])
+            assert name in listed, f"{name} ({path.parent.relative_to(ROOT)}) is not in pyproject.toml's packages"

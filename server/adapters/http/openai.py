@@ -3,7 +3,8 @@
 A thin adapter like the gRPC ones: OpenAI's JSON becomes the text-generation and
 feature-extraction tasks' inputs and parameters (`openai_params`), goes through the DataPlane
 (`infer`, or `stream` for `stream: true`), and the results become OpenAI's objects
-(`openai_responses`), streamed as server-sent events ending `data: [DONE]` (`openai_streaming`).
+(`openai_responses`); a stream is server-sent events (http/sse.py) ending `data: [DONE]`, the
+choices of a request merged into one stream (`openai_streaming`).
 Chat messages go to the task as they are: the task applies the model's chat template.
 Model listings come from the ControlPlane. Errors are OpenAI's JSON error shape (`openai_errors`).
 
@@ -41,12 +42,12 @@ from pipeserve.server.adapters.http.openai_responses import (
     new_id,
     now,
     response,
-    sse,
     token_text,
     usage,
     without_stop,
 )
-from pipeserve.server.adapters.http.openai_streaming import EventStreamResponse, merged
+from pipeserve.server.adapters.http.openai_streaming import merged
+from pipeserve.server.adapters.http.sse import EventStream, sse_data
 from pipeserve.server.control_plane import ControlPlane
 from pipeserve.server.dataplane import DataPlane
 from pipeserve.server.errors import InvalidArgument, PipeserveError
@@ -59,6 +60,8 @@ EMBEDDING_TASK = "feature-extraction"
 # all-MiniLM-L6-v2 pool), of length 1 (as OpenAI's embeddings are).
 EMBEDDING_POOLING = "mean"
 POOLED = ("mean", "cls", "max")
+# The event that ends every OpenAI stream.
+DONE = b"data: [DONE]\n\n"
 
 Shape = CompletionShape | ChatShape
 
@@ -106,7 +109,6 @@ class StreamedChoice:
     # The text sent so far, in characters: completions' logprobs text_offset.
     offset: int = 0
     started: bool = False
-    finished: bool = False
     counts: tuple[int, int] = (0, 0)  # prompt and generated tokens, from the last event
 
 
@@ -153,7 +155,7 @@ class OpenAIRoutes:
                 return await self._stream(req, shape)
             served, results = await self.plane.infer(GENERATION_TASK, req.inputs, req.unary_params(), model=req.model)
         except InvalidArgument as exc:
-            raise req.names.translate(exc) from None
+            raise req.translate(exc) from None
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for p, (item, sequences) in enumerate(zip(req.inputs, results)):
             prompt_tokens += sequences[0].get("prompt_tokens", 0)
@@ -188,7 +190,7 @@ class OpenAIRoutes:
             await events.aclose()
             raise
         context = StreamContext(req, shape, model, new_id(shape.id_prefix), now())
-        return EventStreamResponse(self._chunks(context, first, events))
+        return EventStream(self._chunks(context, first, events))
 
     async def _chunks(self, context: StreamContext, first: tuple[int, TokenEvent],
                       events: AsyncGenerator[tuple[int, TokenEvent], None]) -> AsyncGenerator[bytes, None]:
@@ -206,7 +208,7 @@ class OpenAIRoutes:
                     yield chunk
                 item = await anext(events, None)
         except PipeserveError as exc:
-            yield error_event(req.names.translate(exc) if isinstance(exc, InvalidArgument) else exc)
+            yield error_event(req.translate(exc) if isinstance(exc, InvalidArgument) else exc)
         else:
             if req.include_usage:
                 prompt_tokens = sum(c.counts[0] for i, c in enumerate(choices) if i % req.n == 0)
@@ -214,7 +216,7 @@ class OpenAIRoutes:
                 yield self._chunk(context, [], used)
         finally:
             await events.aclose()
-        yield sse("[DONE]")
+        yield DONE
 
     def _event_chunks(self, context: StreamContext, choices: list[StreamedChoice], index: int,
                       event: TokenEvent) -> list[bytes]:
@@ -245,15 +247,15 @@ class OpenAIRoutes:
                                 "model": context.model, "choices": choices}
         if context.request.include_usage:
             body["usage"] = used
-        return sse(body)
+        return sse_data(body)
 
     # -- embeddings -----------------------------------------------------------------------------------
 
     async def embeddings(self, request: Request) -> Response:
         req = embedding_request(await request_object(request))
         # The model first, for its config's pooling defaults (an empty name: the task's default).
-        served = self.plane.registry.resolve(EMBEDDING_TASK, req.model)
-        defaults = self.control.describe(served.name, served.version).defaults
+        served = self.control.describe_for_task(EMBEDDING_TASK, req.model)
+        defaults = served.defaults
         pooling = defaults.get("pooling")
         params = {"pooling": pooling if pooling in POOLED else EMBEDDING_POOLING,
                   "normalize": defaults.get("normalize", True)}
