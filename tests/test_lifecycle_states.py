@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -177,6 +178,18 @@ def test_start_up_answers_retryable_statuses_until_ready_and_the_sdks_ride_throu
                 client.infer("no-such-model", [text])
             assert info.value.status() == "StatusCode.NOT_FOUND"
 
+        # HTTP (v2 REST, the pipelines, OpenAI): the same states as 503 / 404 / 400.
+        http = f"http://127.0.0.1:{server.server.http_port}"
+        infer = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
+        assert httpx.get(f"{http}/v2/health/live").status_code == 200
+        assert httpx.get(f"{http}/v2/health/ready").status_code == 503
+        for url, body in ((f"{http}/v2/models/a-slow/infer", infer),
+                          (f"{http}/v1/pipelines/text-classification", {"inputs": "x"}),
+                          (f"{http}/v1/completions", {"model": "b-gen", "prompt": "Hi", "max_tokens": 2})):
+            reply = httpx.post(url, json=body, timeout=10)
+            assert reply.status_code == 503 and "loading" in reply.text, (url, reply.status_code, reply.text)
+        assert httpx.post(f"{http}/v2/models/no-such-model/infer", json=infer).status_code == 404
+
         # The SDKs: without wait_for_ready the call fails fast with the retryable status ...
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
@@ -222,6 +235,7 @@ def test_start_up_answers_retryable_statuses_until_ready_and_the_sdks_ride_throu
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert classify(target, "a-slow")[0] == grpc.StatusCode.OK and stream(target)[0] == grpc.StatusCode.OK
+        assert httpx.post(f"{http}/v2/models/a-slow/infer", json=infer, timeout=10).status_code == 200
         assert_idle(target)
     finally:
         gate.set()
