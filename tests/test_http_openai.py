@@ -26,20 +26,16 @@ CHAT_MODEL = "gpt2-chat"
 # One row and one waiting place: a third sequence is refused (429).
 NARROW_MODEL = "gpt2-narrow"
 EMBEDDER = "minilm"
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture(scope="module")
 def repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default gpt2 and minilm, gpt2 with a chat template, and gpt2 with one row."""
+    """The default gpt2, gpt2-chat (a chat template) and minilm, and gpt2 with one row."""
     repo = tmp_path_factory.mktemp("openai-repo")
-    for name in (MODEL, EMBEDDER):
-        add_model(repo, name, name, task=(model_repository / name / "config.pbtxt").read_text().split('task: "')[1]
-                  .split('"')[0], extra="default_for_task: true")
-    chat = add_model(repo, CHAT_MODEL, MODEL, task="text-generation")
-    (chat / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    for name in (MODEL, CHAT_MODEL, EMBEDDER):
+        folder = add_model(repo, name, name)
+        (folder / "config.pbtxt").write_text((model_repository / name / "config.pbtxt").read_text())
     add_model(repo, NARROW_MODEL, MODEL, task="text-generation",
               extra="generation { max_concurrent_sequences: 1 }\ndynamic_batching { max_queue_size: 1 }")
     return repo
@@ -64,8 +60,9 @@ def client(base_url: str) -> openai.OpenAI:
 
 
 @pytest.fixture
-def aclient(base_url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=base_url, api_key=TOKEN, max_retries=0)
+async def aclient(base_url: str) -> openai.AsyncOpenAI:
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=TOKEN, max_retries=0) as sdk:
+        yield sdk
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +146,7 @@ def test_include_usage_adds_a_last_chunk_with_the_usage_and_no_choices(client, r
 
 
 def test_n_sampled_choices_with_a_seed_repeat_exactly_and_stream_the_same(client):
-    ask = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=10, temperature=1.0, n=3, seed=7)
+    ask = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 10, "temperature": 1.0, "n": 3, "seed": 7}
     first = client.completions.create(**ask)
     again = client.completions.create(**ask)
     texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
@@ -201,7 +198,8 @@ def test_logprobs_give_each_tokens_log_probability_and_the_likeliest_alternative
         assert len(top) == 3 and logprob <= 0
         # Greedy: the chosen token is the likeliest alternative.
         assert max(top.values()) == pytest.approx(logprob) and top[token] == pytest.approx(logprob)
-    assert "".join(logprobs.tokens) == done.choices[0].text
+    if "\ufffd" not in "".join(logprobs.tokens):  # a token that is part of a character has no text of its own
+        assert "".join(logprobs.tokens) == done.choices[0].text
     assert logprobs.text_offset[0] == 0
     streamed = [c.choices[0].logprobs for c in client.completions.create(
         model=MODEL, prompt=PROMPTS[1], max_tokens=6, temperature=0, logprobs=3, stream=True) if c.choices[0].logprobs]
@@ -228,32 +226,18 @@ def test_extra_parameters_reach_the_task_by_their_transformers_names(client):
 # -- chat ---------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def chat(client) -> openai.OpenAI:
-    """The client, once text-generation takes conversations (issue 14); until then the chat tests
-    are expected failures, each naming what is missing."""
-    try:
-        client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=1)
-    except openai.BadRequestError as exc:
-        if "must be a string" in exc.body["message"]:
-            pytest.xfail("issue 14: the text-generation task does not take conversations yet (DataPlane.infer "
-                         f"with a list of messages answers {exc.body['message']!r}); the chat endpoint waits for it")
-        raise
-    return client
-
-
-def test_a_chat_reply_is_the_assistant_message_the_task_writes_with_usage(chat):
-    done = chat.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=8, temperature=0)
+def test_a_chat_reply_is_the_assistant_message_the_task_writes_with_usage(client):
+    done = client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=8, temperature=0)
     [choice] = done.choices
     assert (choice.message.role, choice.finish_reason, done.object) == ("assistant", "length", "chat.completion")
     assert isinstance(choice.message.content, str) and choice.message.content
     assert done.usage.completion_tokens == 8 and done.usage.prompt_tokens > 0
-    again = chat.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_completion_tokens=8, temperature=0)
+    again = client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_completion_tokens=8, temperature=0)
     assert again.choices[0].message.content == choice.message.content
 
 
-async def test_a_streamed_chat_reply_starts_with_the_role_and_adds_up_to_the_whole_one(chat, aclient):
-    whole = chat.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=10, temperature=0)
+async def test_a_streamed_chat_reply_starts_with_the_role_and_adds_up_to_the_whole_one(client, aclient):
+    whole = client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=10, temperature=0)
     chunks = [c async for c in await aclient.chat.completions.create(
         model=CHAT_MODEL, messages=MESSAGES, max_tokens=10, temperature=0, stream=True,
         stream_options={"include_usage": True})]
@@ -264,30 +248,31 @@ async def test_a_streamed_chat_reply_starts_with_the_role_and_adds_up_to_the_who
     assert last.choices == [] and last.usage.completion_tokens == 10
 
 
-def test_chat_logprobs_and_n_sampled_choices(chat):
-    done = chat.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=5, temperature=0,
+def test_chat_logprobs_and_n_sampled_choices(client):
+    done = client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=5, temperature=0,
                                         logprobs=True, top_logprobs=2)
     content = done.choices[0].logprobs.content
     assert len(content) == 5 and all(len(t.top_logprobs) == 2 for t in content)
-    assert "".join(t.token for t in content) == done.choices[0].message.content
-    sampled = chat.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=5, temperature=1.0, n=2,
+    if "\ufffd" not in "".join(t.token for t in content):
+        assert "".join(t.token for t in content) == done.choices[0].message.content
+    sampled = client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=5, temperature=1.0, n=2,
                                            seed=4)
     assert sorted(c.index for c in sampled.choices) == [0, 1]
 
 
-def test_a_model_without_a_chat_template_refuses_a_conversation(chat):
+def test_a_model_without_a_chat_template_refuses_a_conversation(client):
     with pytest.raises(openai.BadRequestError) as refused:
-        chat.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
     assert "template" in refused.value.body["message"]
 
 
 def test_chat_refuses_what_it_cannot_serve_naming_the_parameter(client):
     cases = [
-        (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
-        (dict(response_format={"type": "json_object"}), "response_format"),
-        (dict(presence_penalty=0.5), "presence_penalty"),
-        (dict(logit_bias={"50256": -100}), "logit_bias"),
-        (dict(top_logprobs=2), "top_logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"top_logprobs": 2}, "top_logprobs"),
     ]
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as refused:
@@ -321,10 +306,11 @@ def test_embeddings_are_the_feature_extraction_vectors_as_floats_and_as_base64(c
     np.testing.assert_allclose(np.linalg.norm(expected, axis=1), 1.0, atol=1e-5)
     # The openai package asks for base64 by default and decodes it to floats itself.
     by_default = client.embeddings.create(model=EMBEDDER, input=texts)
-    np.testing.assert_array_equal(np.array([d.embedding for d in by_default.data], dtype=np.float32), expected)
+    np.testing.assert_allclose(np.array([d.embedding for d in by_default.data]), expected, atol=1e-6)
     raw = http.post("/embeddings", json={"model": EMBEDDER, "input": texts[0], "encoding_format": "base64"}).json()
     decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
-    np.testing.assert_array_equal(decoded, expected[0])
+    # One text alone pads differently from the pair: equal within float32 rounding.
+    np.testing.assert_allclose(decoded, expected[0], atol=1e-6)
     assert client.embeddings.create(model="", input="one text").model == EMBEDDER
 
 
@@ -352,17 +338,17 @@ def test_errors_come_in_openais_shape_with_the_right_status(client, base_url, ht
         client.completions.create(model=MODEL, prompt="x", max_tokens=0)
     assert bad.value.body["param"] == "max_tokens" and bad.value.body["message"].startswith("max_tokens:")
     assert bad.value.body["type"] == "invalid_request_error"
-    for extra, param in [(dict(temperature="hot"), "temperature"), (dict(frequency_penalty=1.0), "frequency_penalty"),
-                         (dict(suffix="end"), "suffix"), (dict(best_of=3), "best_of"),
-                         (dict(extra_body={"colour": "red"}), "colour"), (dict(prompt=[1, 2, 3]), "prompt"),
-                         (dict(stop=[""]), "stop[0]"), (dict(seed=-1), "seed")]:
+    for extra, param in [({"temperature": "hot"}, "temperature"), ({"frequency_penalty": 1.0}, "frequency_penalty"),
+                         ({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of"),
+                         ({"extra_body": {"colour": "red"}}, "colour"), ({"prompt": [1, 2, 3]}, "prompt"),
+                         ({"stop": [""]}, "stop[0]"), ({"seed": -1}, "seed")]:
         ask = {"model": MODEL, "prompt": "x", "max_tokens": 2, **extra}
         with pytest.raises(openai.BadRequestError) as refused:
             client.completions.create(**ask)
         assert refused.value.body["param"] == param, extra
-    with openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0) as stranger:
-        with pytest.raises(openai.AuthenticationError) as denied:
-            stranger.models.list()
+    with openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0) as stranger, \
+            pytest.raises(openai.AuthenticationError) as denied:
+        stranger.models.list()
     assert denied.value.body["type"] == "authentication_error"
     not_json = http.post("/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert not_json.status_code == 400 and "JSON" in not_json.json()["error"]["message"]
@@ -398,7 +384,8 @@ async def test_a_client_that_goes_away_mid_stream_cancels_its_sequence(server, a
     chunks = aiter(stream)
     await anext(chunks)
     await anext(chunks)
-    assert active_sequences(server) == 1
+    # (The count is the engine's, updated at its next step: wait for it, briefly.)
+    await asyncio.to_thread(wait_until, lambda: active_sequences(server) == 1, 2.0, "the sequence running")
     await stream.close()
     await asyncio.to_thread(wait_until, lambda: active_sequences(server) == 0, what="the sequence cancelled")
     await asyncio.to_thread(wait_until, lambda: calls_in_flight(server) == 0, what="the call left the drain gate")
@@ -407,7 +394,7 @@ async def test_a_client_that_goes_away_mid_stream_cancels_its_sequence(server, a
                                                    "n": 3, "temperature": 1.0, "stream": True}) as raw:
         first = next(raw.iter_lines())
         assert json.loads(first.removeprefix("data: "))["choices"]
-        assert active_sequences(server) == 3
+        wait_until(lambda: active_sequences(server) == 3, 2.0, "the three sequences running")
     await asyncio.to_thread(wait_until, lambda: active_sequences(server) == 0, what="the three sequences cancelled")
     await asyncio.to_thread(wait_until, lambda: calls_in_flight(server) == 0, what="the call left the drain gate")
 
@@ -431,3 +418,14 @@ def test_while_draining_new_calls_get_503_and_a_stream_in_flight_finishes(reposi
             stopping.result(30)
     finally:
         draining.stop()
+
+
+def test_the_readmes_openai_example_runs_as_written(base_url):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    begin = readme.index("```python", readme.index("<!-- openai-example -->")) + len("```python")
+    code = readme[begin:readme.index("```", begin)]
+    namespace: dict = {}
+    exec(code.replace('"http://localhost:8000/v1"', repr(base_url))  # noqa: S102 - our own README
+         .replace('"unused-without-auth-token"', repr(TOKEN)), namespace)
+    assert namespace["done"].model == MODEL and namespace["done"].usage.completion_tokens == 16
+    assert len(namespace["vectors"].data) == 2 and len(namespace["vectors"].data[0].embedding) == 384
