@@ -412,7 +412,8 @@ def test_kserve_wrong_shapes_and_contents_are_invalid_argument(channel, served_n
     items = [GOOD_PNG if name == "IMAGE" else b"some text"] * count
     tensor = v2.ModelInferRequest.InferInputTensor(name=name, datatype="BYTES", shape=shape)
     request = v2.ModelInferRequest(model_name=model)
-    if data.draw(st.booleans(), label="raw"):
+    use_raw = data.draw(st.booleans(), label="raw")
+    if use_raw:
         raw = _bytes_raw(items)
         cut = data.draw(st.integers(0, 3), label="bytes cut off the raw contents")
         request.raw_input_contents.append(raw[: len(raw) - cut] if cut else raw)
@@ -422,8 +423,13 @@ def test_kserve_wrong_shapes_and_contents_are_invalid_argument(channel, served_n
         declared_right = True
     request.inputs.append(tensor)
     if model == "qa":
-        request.inputs.append(v2.ModelInferRequest.InferInputTensor(
-            name="CONTEXT", datatype="BYTES", shape=shape, contents={"bytes_contents": [b"the cat sits"] * count}))
+        # v2 takes raw contents for every input or for none: the context goes the question's way.
+        context = v2.ModelInferRequest.InferInputTensor(name="CONTEXT", datatype="BYTES", shape=shape)
+        if use_raw:
+            request.raw_input_contents.append(_bytes_raw([b"the cat sits"] * count))
+        else:
+            context.contents.bytes_contents.extend([b"the cat sits"] * count)
+        request.inputs.append(context)
     method = service("inference.GRPCInferenceService").methods_by_name["ModelInfer"]
     code, details, _ = invoke(channel, method, request)
     assert_clean(method, request, code, details, [])
