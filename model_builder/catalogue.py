@@ -20,10 +20,12 @@ from pipeserve.model_builder.models import (
     build_gpt2_small,
     make_bart,
     make_gpt2,
+    make_gpt2_chat,
     make_minilm,
     make_t5,
     make_vit,
 )
+from pipeserve.model_builder.sentiment import make_sentiment
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,9 @@ def _entry(name: str, task: str, description: str, make_files: Callable[[Path], 
 DEFAULT_MODELS: list[CatalogueEntry] = [
     _entry(
         "sentiment", "text-classification",
-        "BertForSequenceClassification (tiny, random) with labels NEGATIVE/POSITIVE",
-        bert_task_model("BertForSequenceClassification", labels=SENTIMENT_LABELS),
+        "a demo sentiment classifier: the real all-MiniLM-L6-v2 with a NEGATIVE/POSITIVE head trained here "
+        "on generated sentences (BertForSequenceClassification)",
+        make_sentiment,
         default_for_task=True, max_batch_size=32, queue_delay_us=2000,
     ),
     _entry(
@@ -122,6 +125,12 @@ DEFAULT_MODELS: list[CatalogueEntry] = [
         "GPT2LMHeadModel (tiny, random) with a byte-level BPE tokenizer trained here",
         make_gpt2,
         default_for_task=True, queue_delay_us=None, max_concurrent_sequences=32,
+    ),
+    _entry(
+        "gpt2-chat", "text-generation",
+        "GPT2LMHeadModel (tiny, random; gpt2's weights) whose tokenizer has a chat template, for conversations",
+        make_gpt2_chat,
+        default_for_task=False, queue_delay_us=None, max_concurrent_sequences=32,
     ),
     _entry(
         "bart-summarizer", "summarization",

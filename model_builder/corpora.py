@@ -1,6 +1,7 @@
-"""Text generated in code: what the byte-level BPE and Unigram tokenizers are trained on.
+"""Text generated in code: what the byte-level BPE and Unigram tokenizers are trained on, and the
+labelled sentences the default sentiment model's head learns from.
 
-Seeded, so every build trains the same tokenizers; no data set is downloaded.
+Seeded, so every build trains the same tokenizers and head; no data set is downloaded.
 """
 
 from __future__ import annotations
@@ -108,3 +109,45 @@ def translation_corpus() -> tuple[str, ...]:
         lines.append(TRANSLATION_PREFIX + english)
         lines.append(french)
     return tuple(lines)
+
+
+# -- labelled sentiment sentences: what the default `sentiment` model's head is trained on --------
+# Every positive template pairs with every topic, and so does every negative one: the labels are
+# balanced and the topics say nothing about the label, so the head can only learn the wording.
+_SENTIMENT_TOPICS = (
+    "this movie", "the new phone", "this library", "the food", "the service", "my job", "the weather today",
+    "this book", "the concert", "the update", "the coffee", "the hotel", "this game", "this song",
+    "the train ride", "the documentation", "the support team", "the code", "the design", "the city",
+    "the restaurant", "this app", "the trip", "the show", "the course", "the neighbours", "this laptop",
+    "the weekend", "the meeting", "the results", "working with this team", "using this tool",
+)
+_POSITIVE_TEMPLATES = (
+    "I love {}.", "I really like {}!", "{} is great.", "{} is wonderful.", "{} is amazing!", "{} was excellent.",
+    "I enjoyed {} so much.", "What a fantastic experience {} was!", "{} made me so happy.", "I'm delighted with {}.",
+    "{} is the best.", "Highly recommend {}.", "{} is beautiful and fun.", "I adore {}.", "Thanks, {} is perfect!",
+    "{} works perfectly.", "I am pleased with {}.", "{} exceeded my expectations.", "{} is brilliant.",
+    "Such a lovely time with {}.",
+)
+_NEGATIVE_TEMPLATES = (
+    "I hate {}.", "I really dislike {}!", "{} is terrible.", "{} is awful.", "{} is horrible!", "{} was a disaster.",
+    "I regret {}.", "What a miserable experience {} was!", "{} made me so angry.", "I'm disappointed with {}.",
+    "{} is the worst.", "Avoid {} at all costs.", "{} is ugly and boring.", "I can't stand {}.",
+    "Ugh, {} is broken again!", "{} never works.", "I am annoyed by {}.", "{} fell far short of my expectations.",
+    "{} is pathetic.", "Such a painful time with {}.",
+)
+NEGATIVE, POSITIVE = 0, 1
+
+
+@lru_cache(maxsize=None)
+def sentiment_corpus() -> tuple[tuple[str, int], ...]:
+    """1280 (sentence, label) pairs, label 0 negative and 1 positive, in a fixed order."""
+    def sentence(template: str, topic: str) -> str:
+        text = template.format(topic)
+        return text[0].upper() + text[1:]
+
+    return tuple(
+        (sentence(template, topic), label)
+        for label, templates in ((POSITIVE, _POSITIVE_TEMPLATES), (NEGATIVE, _NEGATIVE_TEMPLATES))
+        for template in templates
+        for topic in _SENTIMENT_TOPICS
+    )

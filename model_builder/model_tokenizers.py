@@ -170,3 +170,25 @@ def t5_tokenizer(model_max_length: int = 512) -> Any:
         extra_ids=100,
         model_max_length=model_max_length,
     )
+
+
+# gpt2-chat's chat template: each message under its role's header, ended by the eos token, then the
+# assistant's header when a reply is wanted; tools (their JSON schemas) and documents come first,
+# in system blocks, as a chat template shows them to the model.
+GPT2_CHAT_TEMPLATE = (
+    "{%- if tools %}<|system|>\nYou can call these tools:\n{% for tool in tools %}{{ tool | tojson }}\n"
+    "{% endfor %}{{ eos_token }}\n{% endif %}"
+    "{%- if documents %}<|system|>\nDocuments:\n{% for document in documents %}[{{ loop.index }}] "
+    "{{ document.title }}: {{ document.text }}\n{% endfor %}{{ eos_token }}\n{% endif %}"
+    "{%- for message in messages %}<|{{ message.role }}|>\n"
+    "{% if message.content is string %}{{ message.content }}{% else %}{% for part in message.content %}"
+    "{% if part.type == 'text' %}{{ part.text }}{% endif %}{% endfor %}{% endif %}{{ eos_token }}\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def gpt2_chat_tokenizer(model_max_length: int = 512) -> Any:
+    """gpt2_tokenizer with GPT2_CHAT_TEMPLATE as its chat template."""
+    tokenizer = gpt2_tokenizer(model_max_length)
+    tokenizer.chat_template = GPT2_CHAT_TEMPLATE
+    return tokenizer

@@ -131,6 +131,14 @@ def make_gpt2(folder: Path) -> None:
     _gpt2_files(folder, n_embd=64, n_layer=2, n_head=4)
 
 
+def make_gpt2_chat(folder: Path) -> None:
+    """make_gpt2's model, with a tokenizer that has a chat template (GPT2_CHAT_TEMPLATE)."""
+    from pipeserve.model_builder.model_tokenizers import gpt2_chat_tokenizer
+
+    make_gpt2(folder)
+    gpt2_chat_tokenizer(model_max_length=512).save_pretrained(folder)
+
+
 def _mute_output_rows(model: Any, token_ids: Iterable[int]) -> None:
     """Zeroes the LM-head rows of tokens that a trained model does not put in its output
     (padding, unknown, sentinels, ...).

@@ -142,12 +142,12 @@ class PipeserveServer:
             log.warning("grace period over with %d calls in flight; cancelling them", self.plane.gate.in_flight)
         # Calls that reached gRPC core but no handler yet are picked up (and held) meanwhile; then
         # the held refusals go out and the listener closes at once (see CallGate.REFUSAL_HOLD_S).
+        self.plane.gate.closing = True
         await asyncio.sleep(DRAIN_SETTLE_S)
         self.plane.gate.release_refusals()
-        if self.server is not None:
-            await self.server.stop(1.0)
-        if self.http is not None:
-            await self.http.stop()
+        # Both listeners close together: the drain above has let their calls finish.
+        await asyncio.gather(*([self.server.stop(1.0)] if self.server is not None else []),
+                             *([self.http.stop()] if self.http is not None else []))
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.registry.close()

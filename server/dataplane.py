@@ -29,16 +29,19 @@ MAX_INPUTS_PER_REQUEST = 4096
 class CallGate:
     """Counts calls in flight and refuses new ones once draining starts (SIGTERM)."""
 
-    # While the server drains, a refused call is held (at most this long) until the listener is
-    # about to close, then answered UNAVAILABLE. A client that resent at once after each refusal
-    # would keep calls arriving until the very end; those that reached gRPC core but not a handler
-    # when the listener closes are cancelled by core (CANCELLED, which no client retries, so the
-    # request is lost) instead of refused. Held, a client has nothing new in flight, and the
-    # listener closes with next to nothing unrequested.
+    # Once the calls in flight have finished and the listener is about to close (`closing`), a
+    # refused call is held (at most this long) and answered UNAVAILABLE just before the close. A
+    # client that resent at once after each refusal would otherwise keep calls arriving until
+    # the very end, and those that reached gRPC core but no handler when the listener closes are
+    # cancelled by core (CANCELLED, which no client retries: the request is lost) instead of
+    # refused. Held, such a client has nothing new in flight at the close. While calls are still
+    # in flight, refusals go out at once.
     REFUSAL_HOLD_S = 1.0
 
     def __init__(self) -> None:
         self.draining = False
+        # Set once the drain is over and the listener closes next (see REFUSAL_HOLD_S).
+        self.closing = False
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -51,7 +54,7 @@ class CallGate:
         self._idle.clear()
 
     async def hold_refusal(self) -> None:
-        """Waits (a refused call, while draining) until `release_refusals` or REFUSAL_HOLD_S."""
+        """Waits (a refused call, while closing) until `release_refusals` or REFUSAL_HOLD_S."""
         try:
             await asyncio.wait_for(self._refusals_released.wait(), self.REFUSAL_HOLD_S)
         except TimeoutError:

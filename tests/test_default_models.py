@@ -29,6 +29,7 @@ EXPECTED = {
     "fill-mask": ("AutoModelForMaskedLM", "BertForMaskedLM", "BertTokenizerFast"),
     "nli": ("AutoModelForSequenceClassification", "BertForSequenceClassification", "BertTokenizerFast"),
     "gpt2": ("AutoModelForCausalLM", "GPT2LMHeadModel", "GPT2TokenizerFast"),
+    "gpt2-chat": ("AutoModelForCausalLM", "GPT2LMHeadModel", "GPT2TokenizerFast"),
     "bart-summarizer": ("AutoModelForSeq2SeqLM", "BartForConditionalGeneration", "BartTokenizerFast"),
     "t5-translator": ("AutoModelForSeq2SeqLM", "T5ForConditionalGeneration", "T5TokenizerFast"),
     "vit": ("AutoModelForImageClassification", "ViTForImageClassification", None),
@@ -250,6 +251,17 @@ def test_text_generation_round_trips_non_ascii(repo):
     out = model.generate(**batch, max_new_tokens=8)
     assert out.shape == (2, batch["input_ids"].shape[1] + 8)
     assert all(isinstance(t, str) and t for t in tokenizer.batch_decode(out, skip_special_tokens=True))
+
+
+def test_the_chat_model_has_a_chat_template_that_shows_roles_tools_and_documents(repo):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(repo / "gpt2-chat")
+    assert transformers.AutoTokenizer.from_pretrained(repo / "gpt2").chat_template is None
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                           tools=[{"type": "function", "function": {"name": "weather"}}],
+                                           documents=[{"title": "T", "text": "a text"}])
+    assert prompt.endswith("<|system|>\nBe brief.<|endoftext|>\n<|user|>\nHi<|endoftext|>\n<|assistant|>\n")
+    assert '"name": "weather"' in prompt and "[1] T: a text" in prompt
 
 
 @pytest.mark.parametrize("name", ["bart-summarizer", "t5-translator"])

@@ -72,3 +72,38 @@ def test_long_input_is_truncated_to_the_configured_maximum(embed):
     long_text = "word " * 1000
     tokens = np.array(embed(long_text))
     assert tokens.shape == (1, 256, 384)  # minilm's config: max_sequence_length 256
+
+
+@pytest.mark.parametrize("kwargs", [{"truncation": True, "tokenize_kwargs": {"max_length": 4}},
+                                    {"tokenize_kwargs": {"max_length": 3}},
+                                    {"tokenize_kwargs": {"add_special_tokens": False, "padding": True}}])
+def test_truncation_and_tokenize_kwargs_equal_transformers(embed, model_repository, kwargs):
+    reference = hf_pipeline("feature-extraction", model=str(model_repository / "minilm"))
+    import copy
+
+    for text in (TEXTS[0], TEXTS):
+        # transformers writes truncation into the tokenize_kwargs dict it is given: each call its own.
+        ours, theirs = embed(text, **copy.deepcopy(kwargs)), reference(text, **copy.deepcopy(kwargs))
+        if isinstance(text, str):
+            ours, theirs = [ours], [theirs]
+        for one, other in zip(ours, theirs):
+            np.testing.assert_allclose(np.array(one), np.array(other), atol=1e-5)
+
+
+def test_return_tensors_gives_torch_tensors_as_transformers_does(embed, model_repository):
+    reference = hf_pipeline("feature-extraction", model=str(model_repository / "minilm"))
+    ours, theirs = embed(TEXTS[0], return_tensors=True), reference(TEXTS[0], return_tensors=True)
+    assert isinstance(ours, torch.Tensor) and ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    batch = embed(TEXTS, return_tensors=True)
+    assert [t.shape for t in batch] == [t.shape for t in reference(TEXTS, return_tensors=True)]
+    assert embed(TEXTS[0], return_tensors=True, pooling="mean").shape == (384,)
+
+
+def test_truncation_false_refuses_what_the_model_cannot_take(embed):
+    import grpc
+
+    assert np.array(embed("word " * 100, truncation=False)).shape == (1, 102, 384)
+    with pytest.raises(grpc.RpcError) as caught:
+        embed("word " * 1000, truncation=False)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "256" in caught.value.details()

@@ -83,8 +83,30 @@ def test_missing_or_too_many_masks_and_bad_parameters_are_invalid_argument(targe
         assert "[MASK]" in details
         details = expect_invalid_argument(fill(inputs=["[MASK] " * 6]), "inputs[0]")
         assert "at most 5" in details
-        expect_invalid_argument(fill(inputs=TEXTS, top_k=0), "top_k")
+        expect_invalid_argument(fill(inputs=TEXTS, top_k=-1), "top_k")
+        expect_invalid_argument(fill(inputs=TEXTS, top_k=10**9), "top_k")  # torch's topk refuses it in transformers
         expect_invalid_argument(fill(inputs=TEXTS, targets=[" ", ""]), "targets")
         # The mask was cut off by truncation to the model's 512 tokens.
         expect_invalid_argument(fill(inputs=[TEXTS[0], "word " * 600 + "[MASK]"]), "inputs[1]")
         assert len(stub.FillMask(pb.FillMaskRequest(inputs=[TEXTS[0]])).results) == 1
+
+
+def test_top_k_zero_gives_no_predictions(fill, reference):
+    assert_same_results(fill(TEXTS, top_k=0), reference(TEXTS, top_k=0))
+    assert_same_results(fill(TWO_MASKS, top_k=0), reference(TWO_MASKS, top_k=0))
+
+
+@pytest.mark.parametrize("tokenizer_kwargs", [{"add_special_tokens": False}, {"truncation": True, "max_length": 10},
+                                              {"max_length": 12, "padding": "max_length"}])
+def test_tokenizer_kwargs(fill, reference, tokenizer_kwargs):
+    assert_same_results(fill(TEXTS[:2], tokenizer_kwargs=tokenizer_kwargs), reference(TEXTS[:2], tokenizer_kwargs=tokenizer_kwargs))
+
+
+def test_a_mask_cut_off_by_max_length_and_empty_targets_are_refused(fill):
+    with pytest.raises(grpc.RpcError) as caught:
+        fill(TEXTS[0], tokenizer_kwargs={"truncation": True, "max_length": 3})  # the mask is the 4th token
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mask" in caught.value.details()
+    with pytest.raises(ValueError, match="At least one target"):
+        fill(TEXTS[0], targets=[])  # transformers' error too
+    with pytest.raises(TypeError, match="tokenizer_kwargs must be a dict"):
+        fill(TEXTS[0], tokenizer_kwargs=["truncation"])

@@ -76,7 +76,8 @@ def test_exif_orientation_is_applied(classify, reference, tmp_path):
 
 
 @pytest.mark.parametrize("params", [{"top_k": 1}, {"top_k": 2}, {"top_k": 10}, {"function_to_apply": "sigmoid"},
-                                    {"function_to_apply": "none", "top_k": 3}])
+                                    {"function_to_apply": "none", "top_k": 3}, {"top_k": 0}, {"top_k": None},
+                                    {"function_to_apply": "SOFTMAX"}, {"timeout": 30.0}])
 def test_parameters(classify, reference, params):
     assert_same_results(classify(IMAGES, **params), reference(IMAGES, **params))
 
@@ -109,8 +110,14 @@ def test_corrupt_empty_oversize_images_and_bad_parameters_are_invalid_argument(t
         assert "pixels" in expect_invalid_argument(classify(inputs=[huge]), "inputs[0]")
         # A valid header with the pixel data cut short fails when decoded.
         assert "decoded" in expect_invalid_argument(classify(inputs=[png, png[: len(png) // 2]]), "inputs[1]")
-        expect_invalid_argument(classify(inputs=[png], top_k=0), "top_k")
+        expect_invalid_argument(classify(inputs=[png], top_k=-1), "top_k")
         expect_invalid_argument(classify(inputs=[png], function_to_apply=42), "function_to_apply")
         expect_invalid_argument(classify(inputs=[]), "inputs")
         response = stub.ClassifyImage(pb.ClassifyImageRequest(inputs=[png, png]))
     assert response.model == "vit" and len(response.results) == 2
+
+
+def test_images_keyword_and_arrays_of_this_process(classify, reference):
+    assert_same_results(classify(images=IMAGES[:2]), reference(IMAGES[:2]))
+    with pytest.raises(TypeError, match="cannot cross the wire"):
+        classify(np.zeros((32, 32, 3), dtype=np.uint8))

@@ -157,8 +157,9 @@ def test_every_task_answers_with_typed_tensors(client, model, inputs, parameters
     for name, (datatype, rank) in expected.items():
         assert described[name] == (datatype, rank), name
     metadata = client.get_model_metadata(model)
-    streaming_only = {"TOKEN_IDS"}
-    assert {t.name for t in metadata.outputs} - streaming_only == set(described)
+    # Streams only; conversations only; with return_tensors only.
+    on_request = {"TOKEN_IDS", "CONVERSATION", "GENERATED_TOKEN_IDS", "SUMMARY_TOKEN_IDS", "TRANSLATION_TOKEN_IDS"}
+    assert {t.name for t in metadata.outputs} - on_request == set(described)
 
 
 def test_task_results_decode_to_numpy(client):

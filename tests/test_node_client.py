@@ -44,6 +44,14 @@ CALLS = [
     ("translation", "Hello world", {"max_new_tokens": 6}),
     ("translation_en_to_fr", ["Good morning", "Thank you"], {"max_new_tokens": 4}),
 ]
+# Conversations on the default repository's chat model: (inputs, params), compared like CALLS.
+CHAT_MODEL = "gpt2-chat"
+CHAT_CALLS = [
+    ([{"role": "user", "content": "Hi"}], {"max_new_tokens": 5}),
+    ([[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+      [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]], {"max_new_tokens": 3}),
+    ([{"role": "user", "content": "Hi"}], {"max_new_tokens": 4, "return_full_text": False, "num_beams": 2}),
+]
 # The tasks every default repository serves: the test fails, not skips, without them.
 REQUIRED_TASKS = {"text-classification", "feature-extraction"}
 
@@ -117,9 +125,17 @@ def test_node_client_suite_passes_against_the_live_server(target: str, tmp_path:
             expected.append({"task": task, "inputs": inputs, "params": params, "result": remote(inputs, **params)})
     expected_file = tmp_path / "expected.json"
     expected_file.write_text(json.dumps(expected))
+    chat_env = {}
+    if "text-generation" in served:
+        with pipeline("text-generation", model=CHAT_MODEL, target=target) as chat:
+            calls = [{"inputs": inputs, "params": params, "result": chat(inputs, **params)}
+                     for inputs, params in CHAT_CALLS]
+        chat_file = tmp_path / "chat.json"
+        chat_file.write_text(json.dumps({"model": CHAT_MODEL, "calls": calls}))
+        chat_env["PIPESERVE_TEST_CHAT_EXPECTED"] = str(chat_file)
 
     done = run_node_tests({"PIPESERVE_TARGET": target, "PIPESERVE_TEST_EXPECTED": str(expected_file),
-                           "PIPESERVE_TEST_TASKS": ",".join(sorted(served))})
+                           "PIPESERVE_TEST_TASKS": ",".join(sorted(served)), **chat_env})
     # The suite ran its live-server tests rather than skipping them.
     assert "# fail 0" in done.stdout or "ℹ fail 0" in done.stdout, done.stdout[-3000:]
     assert "every call gives what the Python SDK gives" in done.stdout
@@ -127,6 +143,7 @@ def test_node_client_suite_passes_against_the_live_server(target: str, tmp_path:
     if "text-generation" in served:
         assert "no text-generation model is served" not in done.stdout
         assert "stream() yields the text the unary call returns" in done.stdout
+        assert "no chat model is served" not in done.stdout
 
 
 def test_node_examples_run(target: str) -> None:

@@ -1,112 +1,81 @@
-"""question-answering over the wire, checked against a brute-force reference of 4.x's semantics.
+"""question-answering over the wire equals transformers 4.57's pipeline on the same model.
 
-transformers 5 has no question-answering pipeline, so the reference here recomputes what the
-4.x pipeline defined, straight from the model's logits: the context is cut into windows of
-max_seq_len tokens that overlap by doc_stride, each window's start/end logits are softmaxed over
-its context tokens and [CLS], every span of at most max_answer_len tokens is scored
-p_start x p_end, each window's best top_k * 2 + 10 spans are widened to whole words, equal
-answers add up their scores, and "no answer" scores the smallest [CLS] x [CLS] over the windows.
+transformers 5 has no question-answering pipeline; the reference is 4.57's own, run by one
+subprocess of the reference virtualenv (tests/transformers4.py) that answers every case of this
+module at once: windows over long contexts (answers crossing a window's edge, words cut by it),
+every parameter, "no answer", and the call shapes.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import random
+from dataclasses import dataclass
 
 import grpc
-import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from pipeserve.client import pipeline
 from pipeserve.v1 import question_answering_pb2 as pb
 from pipeserve.v1 import question_answering_pb2_grpc as pb_grpc
+from tests.parity import assert_same_results
 from tests.rpc_errors import expect_invalid_argument
+from tests.transformers4 import answer_cases
 
 WORDS = ("the a server model city river Berlin Paris answered quickly slowly engineer tokenizer window "
          "boundary blue green unbelievably café 2024 , .").split()
-
-
-class BruteForce:
-    """Answers by enumerating every span of every window, one window at a time, no padding."""
-
-    def __init__(self, folder):
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForQuestionAnswering.from_pretrained(folder).eval()
-
-    @staticmethod
-    def windows(n_question: int, n_context: int, max_seq_len: int, doc_stride: int) -> list[tuple[int, int]]:
-        """[start, end) context-token ranges; each window starts doc_stride tokens before the last one ended."""
-        room = max_seq_len - n_question - 3  # [CLS] question [SEP] context [SEP]
-        start, ranges = 0, []
-        while True:
-            end = min(start + room, n_context)
-            ranges.append((start, end))
-            if end == n_context:
-                return ranges
-            start = end - doc_stride
-
-    def __call__(self, question, context, *, max_seq_len=384, doc_stride=128, max_answer_len=15, top_k=1,
-                 handle_impossible_answer=False):
-        tok = self.tokenizer
-        q_ids = tok(question, add_special_tokens=False)["input_ids"]
-        encoded = tok(context, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        ids, offsets, word_of = encoded["input_ids"], encoded["offset_mapping"], encoded.word_ids()
-        word_chars: dict[int, tuple[int, int]] = {}
-        for (begin, end), word in zip(offsets, word_of):
-            lo, hi = word_chars.get(word, (begin, end))
-            word_chars[word] = (min(lo, begin), max(hi, end))
-        answers, null = [], 1e6
-        for a, b in self.windows(len(q_ids), len(ids), max_seq_len, doc_stride):
-            input_ids = [tok.cls_token_id, *q_ids, tok.sep_token_id, *ids[a:b], tok.sep_token_id]
-            types = [0] * (len(q_ids) + 2) + [1] * (b - a + 1)
-            with torch.no_grad():
-                out = self.model(input_ids=torch.tensor([input_ids]), token_type_ids=torch.tensor([types]))
-            first = len(q_ids) + 2
-            scored = [0, *range(first, first + b - a)]  # [CLS] and the context
-
-            def probabilities(logits):
-                x = logits[0].numpy()[scored].astype(np.float32)
-                e = np.exp(x - x.max())
-                return dict(zip(scored, e / e.sum()))
-
-            p_start, p_end = probabilities(out.start_logits), probabilities(out.end_logits)
-            null = min(null, float(p_start[0] * p_end[0]))
-            spans = sorted(((float(p_start[s] * p_end[e]), s, e) for s in scored[1:] for e in scored[1:]
-                            if s <= e < s + max_answer_len), key=lambda c: -c[0])
-            for score, s, e in spans[: top_k * 2 + 10]:
-                first_token, last_token = a + s - first, a + e - first
-                begin, end = word_chars[word_of[first_token]][0], word_chars[word_of[last_token]][1]
-                text = context[begin:end]
-                same = next((x for x in answers if x["answer"].lower() == text.lower()), None)
-                if same is not None:
-                    same["score"] += score
-                else:
-                    answers.append({"score": score, "start": begin, "end": end, "answer": text,
-                                    "tokens": (first_token, last_token)})
-        if handle_impossible_answer:
-            answers.append({"score": null, "start": 0, "end": 0, "answer": ""})
-        answers.sort(key=lambda x: -x["score"])
-        return answers[:top_k]
-
-
-def assert_same_answers(ours, expected):
-    ours = ours if isinstance(ours, list) else [ours]
-    assert len(ours) == len(expected), (ours, expected)
-    for got, want in zip(ours, expected):
-        assert set(got) == {"score", "start", "end", "answer"}
-        assert (got["answer"], got["start"], got["end"]) == (want["answer"], want["start"], want["end"]), (got, want)
-        assert got["score"] == pytest.approx(want["score"], rel=1e-4, abs=1e-7)
 
 
 def random_text(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
+def _cases() -> dict[str, tuple[tuple, dict]]:
+    """name -> (positional arguments, keyword arguments) of a call, the same for 4.x and pipeserve."""
+    rng = random.Random(11)
+    cases: dict[str, tuple[tuple, dict]] = {
+        "defaults-long-context": ((), {"question": "Where does the engineer live?", "context": random_text(rng, 700)}),
+        "windows-and-top-k": ((), {"question": "Who?", "context": random_text(rng, 80), "top_k": 3, "max_seq_len": 32,
+                                   "doc_stride": 8}),
+        "impossible-answer": ((), {"question": "Who?", "context": random_text(rng, 80), "handle_impossible_answer": True,
+                                   "top_k": 2}),
+        "impossible-in-windows": ((), {"question": "Who?", "context": "Bob lives in Berlin. " * 12, "top_k": 40,
+                                       "max_seq_len": 32, "doc_stride": 8, "handle_impossible_answer": True}),
+        "not-aligned-to-words": ((), {"question": "Who?", "context": random_text(rng, 40), "align_to_words": False,
+                                      "top_k": 2}),
+        "short-answers": ((), {"question": "Who?", "context": random_text(rng, 40), "max_answer_len": 3, "top_k": 5}),
+        "max-question-len-no-effect": ((), {"question": random_text(rng, 12) + "?", "context": random_text(rng, 60),
+                                            "max_question_len": 4, "max_seq_len": 48, "doc_stride": 4}),
+        "padding": ((), {"question": "Who?", "context": random_text(rng, 40), "padding": "max_length"}),
+        "topk-spelling": ((), {"question": "Who?", "context": random_text(rng, 40), "topk": 2}),
+        "two-strings": (("Who is it?", "It is Bob, from Paris."), {}),
+        "one-dict": (({"question": "Who lives in Berlin?", "context": "Wolfgang lives in Berlin."},), {}),
+        "list-of-one": (([{"question": "Who lives in Berlin?", "context": "Wolfgang lives in Berlin."}],), {}),
+        "list-of-dicts": (([{"question": "Where is Paris?", "context": "Paris is in France, on the Seine."},
+                            {"question": "Who?", "context": "Bob is here."}],), {}),
+        "questions-one-context": ((), {"question": ["Who?", "Where?"], "context": "Bob is here in Berlin."}),
+        "questions-and-contexts": ((), {"question": ["Who?", "Where?"], "context": ["Bob is here.", "In Paris."]}),
+        "several-answers-of-one": (({"question": "Who lives in Berlin?", "context": "Wolfgang lives in Berlin."},),
+                                   {"top_k": 3}),
+    }
+    for seed in range(8):
+        r = random.Random(seed)
+        question, context = random_text(r, r.randint(1, 6)) + "?", random_text(r, r.randint(5, 150))
+        cases[f"random-{seed}"] = ((), {"question": question, "context": context,
+                                        "max_seq_len": r.choice([24, 32, 64]), "doc_stride": r.choice([2, 4, 8]),
+                                        "max_answer_len": r.choice([1, 3, 15]), "top_k": r.choice([1, 3]),
+                                        "handle_impossible_answer": seed % 2 == 0})
+    return cases
+
+
+CASES = _cases()
+
+
 @pytest.fixture(scope="module")
-def brute(model_repository):
-    return BruteForce(str(model_repository / "qa"))
+def transformers4(model_repository, tmp_path_factory):
+    answers = answer_cases([("question-answering", model_repository / "qa", list(args), kwargs)
+                            for args, kwargs in CASES.values()], tmp_path_factory.mktemp("qa4"))
+    return dict(zip(CASES, answers))
 
 
 @pytest.fixture(scope="module")
@@ -115,66 +84,46 @@ def qa(target):
         yield remote
 
 
-def test_answer_crossing_a_window_boundary_is_found_with_offsets_into_the_context(qa, brute):
-    params = {"max_seq_len": 32, "doc_stride": 6}
-    rng = random.Random(7)
-    for _ in range(100):
-        question, context = random_text(rng, 3) + "?", random_text(rng, 60)
-        best = brute(question, context, **params)[0]
-        n_question = len(brute.tokenizer(question, add_special_tokens=False)["input_ids"])
-        n_context = len(brute.tokenizer(context, add_special_tokens=False)["input_ids"])
-        windows = brute.windows(n_question, n_context, params["max_seq_len"], params["doc_stride"])
-        first, last = best["tokens"]
-        # It starts in a window that ends before it does: only a later, overlapping window holds it.
-        if any(a <= first < b <= last for a, b in windows):
-            break
-    else:
-        pytest.fail("no context whose best answer crosses a window boundary")
-    assert len(windows) > 2
-    result = qa(question=question, context=context, **params)
-    assert_same_answers(result, [best])
-    assert context[result["start"] : result["end"]] == result["answer"]
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_answers_equal_transformers_4(qa, transformers4, name):
+    args, kwargs = CASES[name]
+    assert "error" not in transformers4[name], transformers4[name]
+    assert_same_results(qa(*args, **kwargs), transformers4[name])
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_random_contexts_and_parameters_match_the_reference(qa, brute, seed):
-    rng = random.Random(seed)
-    question, context = random_text(rng, rng.randint(1, 6)) + "?", random_text(rng, rng.randint(5, 120))
-    params = {"max_seq_len": rng.choice([24, 32, 64]), "doc_stride": rng.choice([2, 4, 8]),
-              "max_answer_len": rng.choice([1, 3, 15]), "top_k": rng.choice([1, 3]),
-              "handle_impossible_answer": seed % 2 == 0}
-    assert_same_answers(qa(question=question, context=context, **params), brute(question, context, **params))
+def test_an_answer_crossing_a_window_edge_and_a_word_cut_by_one_are_found_as_4x_finds_them(qa, transformers4):
+    args, kwargs = CASES["windows-and-top-k"]
+    answers = qa(*args, **kwargs)
+    assert len(answers) == 3
+    for answer in answers:
+        assert kwargs["context"][answer["start"] : answer["end"]] == answer["answer"]
 
 
-def test_defaults_on_a_long_context(qa, brute):
-    rng = random.Random(11)
-    question, context = "Where does the engineer live?", random_text(rng, 700)
-    assert len(brute.tokenizer(context, verbose=False)["input_ids"]) > 2 * 384  # several windows at max_seq_len 384, stride 128
-    assert_same_answers(qa(question=question, context=context), brute(question, context))
-
-
-def test_impossible_answer(qa, brute):
+def test_impossible_answer(qa):
     # Nothing in the context to answer with: "no answer" is all that is left.
     assert qa(question="Who?", context="   ", handle_impossible_answer=True) == {"score": 1.0, "start": 0, "end": 0, "answer": ""}
     assert qa(question="Who?", context="   ") == []
-    # A real context: "no answer" competes at its rank with the smallest [CLS] score over the windows.
-    for context in ("Bob.", "the the", "Bob lives in Berlin. " * 12):
-        params = {"handle_impossible_answer": True, "top_k": 500, "max_seq_len": 32, "doc_stride": 8}
-        expected = brute("Who?", context, **params)
-        nulls = [a for a in expected if a["answer"] == ""]
-        assert len(nulls) == 1 and (nulls[0]["start"], nulls[0]["end"]) == (0, 0) and nulls[0] is not expected[0]
-        assert_same_answers(qa(question="Who?", context=context, **params), expected)
 
 
-def test_top_k_and_the_question_cut_to_max_question_len(qa, brute):
-    rng = random.Random(5)
-    context = random_text(rng, 60)
-    assert_same_answers(qa(question="Who?", context=context, top_k=4), brute("Who?", context, top_k=4))
-    question = "which engineer answered the tokenizer quickly in Berlin?"
-    encoded = brute.tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
-    cut = question[: encoded["offset_mapping"][3][1]]  # the first 4 tokens
-    assert_same_answers(qa(question=question, context=context, max_question_len=4, max_seq_len=24, doc_stride=4),
-                        brute(cut, context, max_seq_len=24, doc_stride=4))
+@dataclass
+class SquadLike:
+    """What transformers' SquadExample holds of a question and its context."""
+
+    question_text: str
+    context_text: str
+
+
+def test_squad_examples_and_4x_keywords(qa, transformers4):
+    expected = transformers4["one-dict"]
+    example = SquadLike("Who lives in Berlin?", "Wolfgang lives in Berlin.")
+    assert_same_results(qa(example), expected)
+    assert_same_results(qa(X=[example]), expected)
+    assert_same_results(qa(data={"question": example.question_text, "context": example.context_text}), expected)
+    assert_same_results(qa(example, example), [expected, expected])
+    with pytest.raises(ValueError, match="cannot be empty"):
+        qa({"question": "", "context": "x"})
+    with pytest.raises(KeyError):
+        qa({"question": "Who?"})
 
 
 def test_call_shapes_like_transformers(qa):
@@ -204,6 +153,10 @@ def test_concurrent_requests_batch_without_changing_results(qa):
         assert_same_answers(result, [dict(a) for a in alone[i % 6]])
     # One request with all pairs: the windows of different inputs share forward passes.
     assert_same_answers_lists(qa([{"question": q, "context": c} for q, c in cases], **params), alone)
+
+
+def assert_same_answers(ours, expected):
+    assert_same_results(ours if isinstance(ours, list) else [ours], expected)
 
 
 def assert_same_answers_lists(ours, expected):

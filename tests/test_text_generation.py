@@ -311,3 +311,24 @@ def test_a_bad_stream_request_is_invalid_argument_before_any_token(target):
         expect_invalid_argument(lambda: list(s.GenerateStream(pb.GenerateStreamRequest(
             input="Hello", parameters=params(top_p=0.0)))), "top_p")
         expect_invalid_argument(lambda: list(s.GenerateStream(pb.GenerateStreamRequest(input="word " * 2000))), "input")
+
+
+def test_beam_search_runs_whole_sequences_beside_the_engines_streams(target, reference, model_repository):
+    """A beam-search request takes the whole-sequence path (generate() on the instance's worker
+    thread, through the batcher) while streams run on the engine: each gets generate's tokens."""
+    beams = pb.GenerateRequest(inputs=PROMPTS[:2], parameters=params(max_new_tokens=8, num_beams=3),
+                               num_return_sequences=2)
+    streams = [pb.GenerateStreamRequest(input=p, parameters=params(max_new_tokens=N, do_sample=False))
+               for p in PROMPTS]
+    before = statistics(target, MODEL).success_count
+    beam_tokens, *stream_tokens = asyncio.run(_concurrently(target, [beams, *streams]))
+    for prompt, tokens in zip(PROMPTS, stream_tokens):
+        assert tokens == reference.generate(prompt, max_new_tokens=N, do_sample=False), prompt
+    theirs = hf_pipeline("text-generation", model=str(model_repository / MODEL))
+    expected = [theirs(p, max_new_tokens=8, num_beams=3, num_return_sequences=2, return_tensors=True)
+                for p in PROMPTS[:2]]
+    ids = [reference.ids(p) for p in PROMPTS[:2]]
+    wanted = [r["generated_token_ids"][len(i):] for i, per_prompt in zip(ids, expected) for r in per_prompt]
+    # The server reports a sequence's tokens up to its end-of-sequence token; generate pads after it.
+    assert [t for t in beam_tokens] == [[w for w in want][: len(t)] for t, want in zip(beam_tokens, wanted)]
+    assert statistics(target, MODEL).success_count >= before + 1 + len(PROMPTS)

@@ -1,53 +1,61 @@
-"""translation over the wire: transformers 4.x pipeline semantics (task names, languages, T5 prefixes)."""
+"""translation over the wire: what transformers 4.57's translation pipeline gives on the same model
+folder (task names, languages, the T5 prefix, defaults and parameters; the reference runs in
+.venv-transformers4, all cases in one subprocess)."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
 from pipeserve.client import pipeline
-from pipeserve.model_builder import TRANSLATION_PREFIX
 from pipeserve.v1 import seq2seq_generation_pb2 as seq2seq
 from pipeserve.v1 import translation_pb2 as pb
 from pipeserve.v1 import translation_pb2_grpc as pb_grpc
 
-from tests.generation_helpers import Seq2SeqReference
+from tests import transformers4_generation as t4
 from tests.rpc_errors import expect_invalid_argument
 
 MODEL = "t5-translator"
 TEXTS = ["the cat reads the old book", "A good server keeps its promises: every request gets an answer."]
 
+# name -> (task as the pipeline is made, inputs, kwargs)
+CASES = {
+    "the task name picks the model's prefix and settings": ("translation_en_to_fr", TEXTS[0], {}),
+    "a batch": ("translation_en_to_fr", TEXTS, {"max_new_tokens": 12}),
+    "translation, the languages of the call": ("translation", TEXTS, {"src_lang": "en", "tgt_lang": "fr",
+                                                                      "max_new_tokens": 12}),
+    "beams and several outputs": ("translation_en_to_fr", TEXTS[1], {"num_beams": 3, "num_return_sequences": 2,
+                                                                     "max_new_tokens": 12}),
+    "max_length": ("translation_en_to_fr", TEXTS[1], {"max_length": 10}),
+    "no_repeat_ngram_size": ("translation_en_to_fr", TEXTS[1], {"no_repeat_ngram_size": 1, "max_new_tokens": 12}),
+    "min_new_tokens": ("translation_en_to_fr", TEXTS[0], {"min_new_tokens": 8, "max_new_tokens": 10}),
+    "repetition_penalty": ("translation_en_to_fr", TEXTS[1], {"repetition_penalty": 2.0, "max_new_tokens": 12}),
+    "return_tensors": ("translation_en_to_fr", TEXTS[0], {"return_tensors": True, "max_new_tokens": 5}),
+    "clean_up_tokenization_spaces": ("translation_en_to_fr", TEXTS[1], {"clean_up_tokenization_spaces": True,
+                                                                        "max_new_tokens": 12}),
+}
+
 
 @pytest.fixture(scope="module")
-def reference(model_repository) -> Seq2SeqReference:
-    return Seq2SeqReference(model_repository / MODEL)
+def parity(model_repository, tmp_path_factory):
+    if not t4.available():
+        pytest.skip("no transformers 4.x reference: run tests/prepare.d/transformers4.sh")
+    folder = str(model_repository / MODEL)
+    theirs = t4.reference([{"task": task, "folder": folder, "inputs": inputs, "kwargs": kwargs}
+                           for task, inputs, kwargs in CASES.values()], tmp_path_factory.mktemp("t4"))
+    return dict(zip(CASES, theirs))
 
 
-def expected(reference: Seq2SeqReference, text: str, **kwargs) -> str:
-    # The model's task_specific_params["translation_en_to_fr"]: the prefix, max_length 64, greedy.
-    return reference(TRANSLATION_PREFIX + text, max_length=64, num_beams=1, **kwargs)[0]
-
-
-def test_the_task_name_picks_the_models_prefix_and_settings(target, reference):
-    with pipeline("translation_en_to_fr", target=target) as translate:
-        assert translate(TEXTS[0]) == [{"translation_text": expected(reference, TEXTS[0])}]
-
-
-@pytest.mark.parametrize("task, kwargs", [
-    ("translation_en_to_fr", {}),
-    ("translation", {}),  # the languages of config.pbtxt's defaults
-    ("translation", {"src_lang": "en", "tgt_lang": "fr"}),
-])
-def test_task_names_and_languages_pick_the_same_translation(target, reference, task, kwargs):
+@pytest.mark.parametrize("name", list(CASES))
+def test_results_equal_transformers_4_pipelines(target, parity, name):
+    task, inputs, kwargs = CASES[name]
+    assert not (isinstance(parity[name], dict) and "error" in parity[name]), parity[name]
     with pipeline(task, target=target) as translate:
-        result = translate(TEXTS, max_new_tokens=12, **kwargs)
-    assert result == [{"translation_text": expected(reference, t, max_new_tokens=12)} for t in TEXTS]
+        assert translate(inputs, **kwargs) == parity[name]
 
 
-def test_beam_search_equals_generate(target, reference):
-    beams = dict(num_beams=3, num_return_sequences=2, max_new_tokens=12)
-    with pipeline("translation_en_to_fr", target=target) as translate:
-        result = translate(TEXTS[1], **beams)
-    assert result == [{"translation_text": t} for t in reference(TRANSLATION_PREFIX + TEXTS[1], max_length=64, **beams)]
+def test_the_languages_of_config_defaults_give_the_same_translation(target, parity):
+    with pipeline("translation", target=target) as translate:  # config.pbtxt's defaults: en -> fr
+        assert translate(TEXTS, max_new_tokens=12) == parity["a batch"]
 
 
 def test_a_pair_the_model_does_not_translate_is_invalid_argument(target):

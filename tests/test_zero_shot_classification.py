@@ -88,3 +88,14 @@ def test_bad_parameters_name_the_field(target):
         expect_invalid_argument(classify(inputs=[], candidate_labels=["a"]), "inputs")
         response = stub.ClassifyZeroShot(pb.ClassifyZeroShotRequest(inputs=TEXTS[:1], candidate_labels=["a", "b"]))
     assert response.model == "nli" and list(response.results[0].labels) in (["a", "b"], ["b", "a"])
+
+
+def test_sequences_keyword_and_argument_errors_like_transformers(classify, reference):
+    assert_same_results(classify(sequences=TEXTS, candidate_labels=LABELS[:3]), reference(sequences=TEXTS, candidate_labels=LABELS[:3]))
+    with pytest.raises(ValueError, match="extra arguments"):
+        classify(TEXTS[0], ["a"], "surplus")
+    with pytest.raises(ValueError, match="at least one label"):
+        classify(TEXTS[0], candidate_labels=[])
+    for template in ("", "no slot"):
+        with pytest.raises(ValueError, match="hypothesis_template"):
+            classify(TEXTS[0], candidate_labels=["a"], hypothesis_template=template)

@@ -13,11 +13,14 @@ from typing import Any
 import grpc
 
 from pipeserve.client.channel import ConnectionOptions, ainvoke_stream, ainvoke_unary, default_target
-from pipeserve.client.pipeline import connection_options
+from pipeserve.client.pipeline import connection_options, pipeline_arguments
 from pipeserve.client.tasks import codec_for
 
 
 class AsyncRemotePipeline:
+    #: What pipeline(..., device=...) asked for (None: nothing); the server places the model itself.
+    device: Any = None
+
     def __init__(self, task: str, model: str | None = None, options: ConnectionOptions | None = None,
                  channel: grpc.aio.Channel | None = None, **defaults: Any):
         self.task = task
@@ -33,7 +36,7 @@ class AsyncRemotePipeline:
     async def __call__(self, *args: Any, timeout: float | None = None, **params: Any) -> Any:
         """Runs the task; `timeout` (seconds) bounds the whole call, retries included."""
         # Usually one positional argument, the inputs; the codec knows other call shapes.
-        inputs, params = self.codec.call_arguments(args, {**self.defaults, **params})
+        inputs, params = self.codec.call_arguments(args, self.codec.with_defaults(self.defaults, params))
         request = self.codec.build(inputs, params)
         response = await self._unary(self._call, request, timeout)
         return self.codec.shape(response, inputs, params)
@@ -66,8 +69,11 @@ def pipeline(task: str, model: str | None = None, *, target: str | None = None, 
                                  tls_server_name=tls_server_name, token=token, timeout=timeout, retries=retries,
                                  backoff=backoff, wait_for_ready=wait_for_ready, metadata=metadata,
                                  lb_policy=lb_policy)
+    defaults, placement = pipeline_arguments(task, model, defaults)
     cls = _specialised.get(codec_for(task).task, AsyncRemotePipeline)
-    return cls(task, model, options, channel, **defaults)
+    remote = cls(task, model, options, channel, **defaults)
+    remote.device = placement.get("device")
+    return remote
 
 
 _specialised: dict[str, type[AsyncRemotePipeline]] = {}

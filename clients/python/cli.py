@@ -99,7 +99,7 @@ def _call(args: argparse.Namespace) -> int:
             result = remote(_inputs(args), **parse_params(args.param))
     except grpc.RpcError as exc:
         return _report(exc)
-    except ValueError as exc:  # an unknown task, or parameters the codec refuses
+    except (TypeError, ValueError) as exc:  # an unknown task, or parameters the codec refuses
         print(f"error: {exc}", file=sys.stderr)
         return 2
     _print_json(result, args.indent)

@@ -2,11 +2,12 @@
 
     from pipeserve.client import pipeline
     clf = pipeline("sentiment-analysis", target="localhost:8001")
-    clf("I love using transformers!")   # [{'label': 'POSITIVE', 'score': 0.51...}]
+    clf("I love using transformers!")   # [{'label': 'POSITIVE', 'score': 0.99...}]
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,8 +17,14 @@ from pipeserve.client.channel import ConnectionOptions, default_target, invoke_s
 from pipeserve.client.tasks import codec_for
 
 
+log = logging.getLogger("pipeserve.client")
+
+
 class RemotePipeline:
     """Calls one task on one (or the default) model. Returns what transformers' pipeline returns."""
+
+    #: What pipeline(..., device=...) asked for (None: nothing); the server places the model itself.
+    device: Any = None
 
     def __init__(self, task: str, model: str | None = None, options: ConnectionOptions | None = None,
                  channel: grpc.Channel | None = None, **defaults: Any):
@@ -34,7 +41,7 @@ class RemotePipeline:
     def __call__(self, *args: Any, timeout: float | None = None, **params: Any) -> Any:
         """Runs the task; `timeout` (seconds) bounds the whole call, retries included."""
         # Usually one positional argument, the inputs; the codec knows other call shapes.
-        inputs, params = self.codec.call_arguments(args, {**self.defaults, **params})
+        inputs, params = self.codec.call_arguments(args, self.codec.with_defaults(self.defaults, params))
         request = self.codec.build(inputs, params)
         response = self._unary(self._call, request, timeout)
         return self.codec.shape(response, inputs, params)
@@ -69,6 +76,55 @@ def connection_options(target: str | None = None, *, tls_ca: str | bool | None =
                              metadata=tuple((k.lower(), v) for k, v in (metadata or {}).items()))
 
 
+# transformers' pipeline() arguments that choose where and how the model runs. A pipeserve server
+# decides that itself (config.pbtxt: instance_group, backend), so a remote pipeline takes them and
+# changes nothing: results are the same on any device.
+PLACEMENT_ARGUMENTS = {
+    "device": "the server places the model (config.pbtxt instance_group: CPU or GPU instances)",
+    "device_map": "the server places the model (config.pbtxt instance_group)",
+    "dtype": "the server loads the model in its configured precision",
+    "torch_dtype": "the server loads the model in its configured precision",
+    "framework": "the server runs PyTorch",
+    "batch_size": "the server batches requests itself (dynamic batching)",
+    "num_workers": "the server runs the work; there is no local data loader",
+    "binary_output": "results come back as Python values",
+}
+# Arguments that give the pipeline parts of a model: the server loads them from the model's folder,
+# so one that names the model itself is taken (it is what the server loads) and any other refused.
+MODEL_PARTS = ("config", "tokenizer", "feature_extractor", "image_processor", "video_processor", "processor")
+REFUSED_ARGUMENTS = {
+    "revision": "the server serves the versions in its repository; pick one with the model name",
+    "use_fast": "the server loads the model's tokenizer as its folder defines it",
+    "trust_remote_code": "the model's config.pbtxt decides (trust_remote_code)",
+    "model_kwargs": "the server loads the model; its config.pbtxt holds what loading takes",
+    "pipeline_class": "the server runs its own task classes (a task plugin customises one)",
+}
+
+
+def pipeline_arguments(task: str, model: Any, arguments: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """transformers' pipeline() keyword arguments split into (default call parameters, placement
+    arguments taken and ignored); TypeError for those a remote pipeline cannot honour."""
+    defaults, placement = {}, {}
+    for name, value in arguments.items():
+        if name in PLACEMENT_ARGUMENTS:
+            placement[name] = value
+        elif name in MODEL_PARTS:
+            if value is not None and value != model:
+                raise TypeError(f"{task}: {name}={value!r} is not served: the server loads the model's own "
+                                f"{name.replace('_', ' ')} from its repository (name the model, not its parts)")
+        elif name in REFUSED_ARGUMENTS:
+            raise TypeError(f"{task}: {name} is not served: {REFUSED_ARGUMENTS[name]}")
+        else:
+            defaults[name] = value
+    device = placement.get("device")
+    if not (device is None or isinstance(device, (int, str)) or hasattr(device, "type")):
+        raise TypeError(f"device must be an int, a string or a torch.device, got {type(device).__name__}")
+    if placement:
+        log.info("%s pipeline: %s ignored: %s", task, ", ".join(f"{k}={v!r}" for k, v in placement.items()),
+                 "; ".join(PLACEMENT_ARGUMENTS[k] for k in placement))
+    return defaults, placement
+
+
 def pipeline(task: str, model: str | None = None, *, target: str | None = None, tls_ca: str | bool | None = None,
              tls_cert: str | None = None, tls_key: str | None = None, tls_server_name: str | None = None,
              token: str | None = None, timeout: float | None = None, retries: int = 3, backoff: float = 0.1,
@@ -84,13 +140,20 @@ def pipeline(task: str, model: str | None = None, *, target: str | None = None, 
     `wait_for_ready` waits for a server that is not up yet; `lb_policy="round_robin"` spreads
     calls over every address of a "dns:///name:port" target. Keyword arguments that are not connection settings become default call parameters, as with
     transformers' pipeline().
+
+    transformers' placement arguments (`device`, `device_map`, `dtype`, `batch_size`, ...) are
+    taken and change nothing: the server runs the model where its config.pbtxt says, and results
+    do not depend on it. `device` is kept as the pipeline's `device` attribute.
     """
     options = connection_options(target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
                                  tls_server_name=tls_server_name, token=token, timeout=timeout, retries=retries,
                                  backoff=backoff, wait_for_ready=wait_for_ready, metadata=metadata,
                                  lb_policy=lb_policy)
+    defaults, placement = pipeline_arguments(task, model, defaults)
     cls = _specialised.get(codec_for(task).task, RemotePipeline)
-    return cls(task, model, options, channel, **defaults)
+    remote = cls(task, model, options, channel, **defaults)
+    remote.device = placement.get("device")
+    return remote
 
 
 # Tasks with methods beyond __call__ (streaming generation) register a subclass here.

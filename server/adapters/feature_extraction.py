@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeserve.server.adapters.status import unary_rpc
-from pipeserve.server.adapters.task_service import TaskServicer, enum_option
+from pipeserve.server.adapters.task_service import TaskServicer, enum_option, tokenizer_parameters
 from pipeserve.v1 import feature_extraction_pb2 as pb
 from pipeserve.v1 import feature_extraction_pb2_grpc as pb_grpc
 
@@ -17,7 +17,8 @@ class FeatureExtractionServicer(TaskServicer, pb_grpc.FeatureExtractionServiceSe
 
     @unary_rpc(TASK)
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
-        params = {"pooling": enum_option("pooling", _POOLINGS, request.pooling), "normalize": request.normalize}
+        params = {"pooling": enum_option("pooling", _POOLINGS, request.pooling), "normalize": request.normalize,
+                  **tokenizer_parameters(request.tokenizer)}
         results, answered = await self.infer(request, list(request.inputs), params, context)
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(values=t.reshape(-1).tolist(), shape=list(t.shape)) for t in results], **answered)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeserve.server.adapters.status import unary_rpc
-from pipeserve.server.adapters.task_service import TaskServicer
+from pipeserve.server.adapters.task_service import TaskServicer, tokenizer_parameters
 from pipeserve.v1 import fill_mask_pb2 as pb
 from pipeserve.v1 import fill_mask_pb2_grpc as pb_grpc
 
@@ -15,7 +15,7 @@ class FillMaskServicer(TaskServicer, pb_grpc.FillMaskServiceServicer):
 
     @unary_rpc(TASK)
     async def FillMask(self, request: pb.FillMaskRequest, context) -> pb.FillMaskResponse:
-        params: dict = {}
+        params: dict = tokenizer_parameters(request.tokenizer)
         if request.HasField("top_k"):
             params["top_k"] = request.top_k
         if request.targets:

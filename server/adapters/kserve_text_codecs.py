@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeserve.server.adapters.kserve_classification_codecs import TOKENIZER_PARAMETERS
 from pipeserve.server.adapters.kserve_signature import TEXT, TaskCodec, TensorSpec, V2Signature, grid, utf8
 from pipeserve.server.adapters.kserve_tensors import utf8_strings
 from pipeserve.server.errors import InvalidArgument
@@ -70,8 +71,9 @@ class FillMaskCodec(TaskCodec):
                 TensorSpec("TOKEN", "INT64", (-1, -1, -1), doc="their vocabulary ids (-1 pads)"),
                 TensorSpec("SEQUENCE", "BYTES", (-1, -1, -1), doc="the text with the mask filled"),
             ),
-            parameters={"top_k": "predictions per mask (default 5)",
-                        "targets": "limit predictions to these words: comma-separated or a JSON array"},
+            parameters={"top_k": "predictions per mask (default 5; 0: none)",
+                        "targets": "limit predictions to these words: comma-separated or a JSON array",
+                        **TOKENIZER_PARAMETERS},
         )
 
     def encode(self, results, params):
@@ -111,6 +113,7 @@ class FeatureExtractionCodec(TaskCodec):
             parameters={
                 "pooling": "mean (the v2 default), cls, max, or none for token embeddings",
                 "normalize": "L2-normalize each vector (default false)",
+                **TOKENIZER_PARAMETERS,
             },
         )
 

@@ -91,7 +91,7 @@ class _CallScope:
             self.gate.enter()
         except PipeserveError as exc:
             _log_line(self.rpc, self.task, exc.code, self.started)
-            if self.gate.draining:
+            if self.gate.closing:
                 await self.gate.hold_refusal()  # see CallGate.REFUSAL_HOLD_S
             await self.context.abort(status_code(exc), details(exc.message))
         try:

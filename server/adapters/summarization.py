@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeserve.server.adapters.seq2seq import parameters
+from pipeserve.server.adapters.seq2seq import parameters, token_ids_or_text
 from pipeserve.server.adapters.status import unary_rpc
 from pipeserve.server.adapters.task_service import TaskServicer
 from pipeserve.v1 import summarization_pb2 as pb
@@ -18,7 +18,7 @@ class SummarizationServicer(TaskServicer, pb_grpc.SummarizationServiceServicer):
     async def Summarize(self, request: pb.SummarizeRequest, context) -> pb.SummarizeResponse:
         results, answered = await self.infer(request, list(request.inputs), parameters(request), context)
         return pb.SummarizeResponse(
-            results=[pb.Summaries(summaries=[pb.Summary(summary_text=s["summary_text"]) for s in per_input])
+            results=[pb.Summaries(summaries=[pb.Summary(**token_ids_or_text(s, "summary")) for s in per_input])
                      for per_input in results],
             **answered,
         )

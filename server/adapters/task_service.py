@@ -32,6 +32,23 @@ class TaskServicer:
         return results, {"model": served.name, "model_version": served.version}
 
 
+_TRUNCATIONS: dict[int, Any] = {0: None, 1: "longest_first", 2: "only_first", 3: "only_second", 4: "do_not_truncate"}
+
+
+def tokenizer_parameters(options: Any) -> dict[str, Any]:
+    """A TokenizerOptions message (pipeserve.v1.tokenization) as the task parameters it stands for:
+    transformers' truncation, max_length and add_special_tokens, the unset ones left out."""
+    params: dict[str, Any] = {}
+    truncation = enum_option("tokenizer.truncation", _TRUNCATIONS, options.truncation)
+    if truncation is not None:
+        params["truncation"] = truncation
+    if options.HasField("max_length"):
+        params["max_length"] = options.max_length
+    if options.HasField("add_special_tokens"):
+        params["add_special_tokens"] = options.add_special_tokens
+    return params
+
+
 def enum_option(field: str, options: Mapping[int, T], value: int) -> T:
     """A wire enum's number as the task parameter it stands for; an unknown one is INVALID_ARGUMENT."""
     if value not in options:

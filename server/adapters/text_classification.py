@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeserve.server.adapters.status import unary_rpc
-from pipeserve.server.adapters.task_service import TaskServicer, enum_option
+from pipeserve.server.adapters.task_service import TaskServicer, enum_option, tokenizer_parameters
 from pipeserve.server.errors import InvalidArgument
 from pipeserve.v1 import text_classification_pb2 as pb
 from pipeserve.v1 import text_classification_pb2_grpc as pb_grpc
@@ -38,9 +38,10 @@ class TextClassificationServicer(TaskServicer, pb_grpc.TextClassificationService
         if request.text_pairs:
             if len(request.text_pairs) != len(inputs):
                 raise InvalidArgument("text_pairs", f"has {len(request.text_pairs)} entries; it needs one per input ({len(inputs)})")
-            inputs = list(zip(inputs, request.text_pairs))
+            # An empty text_pair: that input has none (a batch may mix texts and pairs).
+            inputs = [(text, pair) if pair else text for text, pair in zip(inputs, request.text_pairs)]
         params = {"function_to_apply": function_to_apply(request.function_to_apply),
-                  "has_text_pairs": bool(request.text_pairs)}
+                  "return_all_scores": request.return_all_scores, **tokenizer_parameters(request.tokenizer)}
         if request.HasField("top_k"):
             params["top_k"] = request.top_k
         results, answered = await self.infer(request, inputs, params, context)

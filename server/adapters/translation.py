@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeserve.server.adapters.seq2seq import parameters
+from pipeserve.server.adapters.seq2seq import parameters, token_ids_or_text
 from pipeserve.server.adapters.status import unary_rpc
 from pipeserve.server.adapters.task_service import TaskServicer
 from pipeserve.v1 import translation_pb2 as pb
@@ -23,7 +23,7 @@ class TranslationServicer(TaskServicer, pb_grpc.TranslationServiceServicer):
             params["tgt_lang"] = request.tgt_lang
         results, answered = await self.infer(request, list(request.inputs), params, context)
         return pb.TranslateResponse(
-            results=[pb.Translations(translations=[pb.Translation(translation_text=t["translation_text"])
+            results=[pb.Translations(translations=[pb.Translation(**token_ids_or_text(t, "translation"))
                                                    for t in per_input])
                      for per_input in results],
             **answered,

@@ -7,6 +7,7 @@ outputs.py      the output processor: token choice hand-off, stopping, text delt
                 FinishReason, TokenEvent, SequenceOutcome, StoppingCriteria
 delivery.py     SequenceOutput: one sequence's bounded queue of events for its reader
 sequence.py     SequencePlan (what the task builds), SequenceState (the engine's view)
-sampling.py     SamplingParams, TokenChooser: greedy or sampled next token, per-sequence seed
+sampling.py     SamplingParams, TokenChooser: greedy or sampled next token through transformers'
+                logits processors (in generate's order), per-sequence seed
 detokenizer.py  IncrementalDetokenizer: text deltas right for multi-byte characters and merges
 """

@@ -97,16 +97,20 @@ class StoppingCriteria:
 
     max_new_tokens: tokens the sequence may add. max_total: the model's context (prompt plus new
     tokens), 0 for no limit. A stop sequence is matched in the generated text; the text is cut
-    right after it (the sequence's last token may run past it).
+    right after it (the sequence's last token may run past it). A stop string (transformers'
+    stop_strings, the pipeline's stop_sequence) ends the sequence at the token that completes it,
+    and the text keeps that whole token, as transformers' StopStringCriteria does.
     """
 
     def __init__(self, max_new_tokens: int, eos_token_ids: Collection[int] = (),
-                 stop_sequences: Seq[str] = (), max_total: int = 0):
+                 stop_sequences: Seq[str] = (), max_total: int = 0, stop_strings: Seq[str] = ()):
         self.max_new_tokens = max_new_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
         self.stop_sequences = tuple(s for s in stop_sequences if s)
+        self.stop_strings = tuple(s for s in stop_strings if s)
         self.max_total = max_total
         self._longest_stop = max((len(s) for s in self.stop_sequences), default=0)
+        self._longest_string = max((len(s) for s in self.stop_strings), default=0)
 
     def after_token(self, token: int, generated: int, total: int) -> FinishReason | None:
         """Checked after each new token: `generated` new tokens so far, `total` with the prompt."""
@@ -123,6 +127,13 @@ class StoppingCriteria:
         start = max(0, new_from - self._longest_stop + 1)
         ends = [i + len(s) for s in self.stop_sequences if (i := text.find(s, start)) >= 0]
         return min(ends) if ends else None
+
+    def string_in(self, text: str, new_from: int) -> bool:
+        """Whether a stop string completed in `text`'s part from `new_from` on (the text stays whole)."""
+        if not self.stop_strings or len(text) <= new_from:
+            return False
+        start = max(0, new_from - self._longest_string + 1)
+        return any(text.find(s, start) >= 0 for s in self.stop_strings)
 
 
 def process(seqs: Seq[SequenceState], logits: torch.Tensor) -> Outcome:
@@ -178,6 +189,9 @@ def _text(plan: SequencePlan, token: int, reason: FinishReason | None) -> tuple[
     if cut is not None:
         text.text = text.text[:cut]
         reason = FinishReason.STOP_SEQUENCE
+    elif reason is None and plan.stopping.string_in(text.text, start):
+        reason = FinishReason.STOP_SEQUENCE
+        text.flush()
     return text.text[start:], reason
 
 

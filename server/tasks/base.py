@@ -157,6 +157,14 @@ class GenerativeTask(Protocol):
                          outcomes: Sequence[Sequence[Any]]) -> list[Any]:
         """Per input, its result shaped as transformers returns it, from its sequences' outcomes."""
 
+    def whole_sequence(self, params: TaskParams) -> bool:
+        """Whether a request's parameters need whole-sequence generation (beam search, or what the
+        engine's chooser lacks): its inputs then go through the dynamic batcher to `run_batch`,
+        which returns each input's sequence outcomes as the engine would (`Instance.generate`)."""
+
+    def run_batch(self, instance: Instance, inputs: Sequence[Any], params: Sequence[TaskParams]) -> list[Any]:
+        """Whole-sequence generation of a batch (worker thread): per input, its sequence outcomes."""
+
 
 class TokenizingTask(Task):
     """A task whose inputs are text run through the model's tokenizer."""

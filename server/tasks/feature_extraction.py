@@ -1,8 +1,12 @@
-"""feature-extraction: token-level hidden states as transformers returns them, or pooled vectors."""
+"""feature-extraction: token-level hidden states as transformers returns them, or pooled vectors.
+
+Parameters: transformers' truncation and tokenize_kwargs' truncation, max_length and
+add_special_tokens (tokenization.py); pipeserve's own pooling (none, mean, cls, max) and normalize.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +14,7 @@ import torch
 
 from pipeserve.server.errors import InvalidArgument
 from pipeserve.server.tasks.base import TaskParams, TokenizingTask
+from pipeserve.server.tasks.tokenization import TokenizerOptions, tokenize, tokenizer_options
 
 POOLINGS = ("none", "mean", "cls", "max")
 
@@ -33,10 +38,10 @@ class FeatureExtractionTask(TokenizingTask):
         normalize = params.get("normalize", False)
         if not isinstance(normalize, bool):
             raise InvalidArgument("normalize", "must be a boolean")
-        return TaskParams(post=EmbeddingPost(pooling, normalize))
+        return TaskParams(pre=tokenizer_options(params, self.max_length), post=EmbeddingPost(pooling, normalize))
 
-    def preprocess(self, inputs: Sequence[str], pre: Hashable) -> Any:
-        return self.tokenize(inputs)
+    def preprocess(self, inputs: Sequence[str], pre: TokenizerOptions) -> Any:
+        return tokenize(self, inputs, options=pre)
 
     def postprocess(self, inputs, features, outputs, posts: Sequence[EmbeddingPost]) -> list[torch.Tensor]:
         hidden = outputs["last_hidden_state"].float()

@@ -3,12 +3,14 @@
 Each input yields one list of predictions per mask token ({score, token, token_str, sequence}).
 An input needs at least one mask token and at most `max_masks` (config.pbtxt
 `parameters.defaults { key: "max_masks" }`, default 5): with several masks each one's
-predictions are independent (the other masks stay masked), as in transformers.
+predictions are independent (the other masks stay masked), as in transformers. Parameters, with
+transformers' names: top_k (0: no predictions), targets, and tokenizer_kwargs' truncation,
+max_length and add_special_tokens (tokenization.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 
 from pipeserve.server.errors import InvalidArgument
 from pipeserve.server.tasks.base import TaskParams, TokenizingTask, check_int
+from pipeserve.server.tasks.tokenization import TokenizerOptions, tokenize, tokenizer_options
 
 DEFAULT_TOP_K = 5
 DEFAULT_MAX_MASKS = 5
@@ -38,16 +41,18 @@ class FillMaskTask(TokenizingTask):
         if self.tokenizer.mask_token_id is None:
             raise ValueError(f"model {self.settings.name}: its tokenizer has no mask token, so it cannot serve fill-mask")
         self.mask_token: str = self.tokenizer.mask_token
+        self.vocab_size = int(getattr(context.hf_config, "vocab_size", 0) or len(self.tokenizer))
         self.max_masks = check_int("parameters.defaults.max_masks", self.defaults().get("max_masks", DEFAULT_MAX_MASKS), 1)
 
     def sanitize(self, params: dict[str, Any]) -> TaskParams:
         params = self.with_defaults(params)
-        top_k = check_int("top_k", params.get("top_k", DEFAULT_TOP_K), 1)
+        # More than the vocabulary is an error in transformers too (torch's topk refuses it).
+        top_k = check_int("top_k", params.get("top_k", DEFAULT_TOP_K), 0, self.vocab_size)
         targets = params.get("targets") or None
         target_ids = self.target_ids(targets) if targets is not None else None
         if target_ids is not None:
             top_k = min(top_k, len(target_ids))
-        return TaskParams(post=FillMaskPost(top_k, target_ids))
+        return TaskParams(pre=tokenizer_options(params, self.max_length), post=FillMaskPost(top_k, target_ids))
 
     def target_ids(self, targets: Any) -> tuple[int, ...]:
         """Vocabulary ids of the targets; a target outside the vocabulary stands for its first token."""
@@ -78,8 +83,8 @@ class FillMaskTask(TokenizingTask):
         if count > self.max_masks:
             raise InvalidArgument(f"inputs[{index}]", f"has {count} mask tokens; this model accepts at most {self.max_masks}")
 
-    def preprocess(self, inputs: Sequence[str], pre: Hashable) -> Any:
-        encoded = self.tokenize(inputs)
+    def preprocess(self, inputs: Sequence[str], pre: TokenizerOptions) -> Any:
+        encoded = tokenize(self, inputs, options=pre)
         counts = (encoded["input_ids"] == self.tokenizer.mask_token_id).sum(dim=1)
         for count in counts.tolist():
             # check_input counted the mask token's text; this counts the tokens the model sees

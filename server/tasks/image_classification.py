@@ -59,7 +59,8 @@ class ImageClassificationTask(Task):
     def sanitize(self, params: dict[str, Any]) -> TaskParams:
         params = self.with_defaults(params)
         function = checked_function_to_apply(params, self.default_function)
-        top_k = check_int("top_k", params.get("top_k", DEFAULT_TOP_K), 1)
+        # 0 gives no labels, as transformers' slice does; more than the model has gives them all.
+        top_k = check_int("top_k", params.get("top_k", DEFAULT_TOP_K), 0)
         return TaskParams(post=ImageClassificationPost(function, min(top_k, len(self.labels))))
 
     def size(self, item: Any) -> int:
@@ -87,7 +88,6 @@ class ImageClassificationTask(Task):
     def postprocess(self, inputs, features, outputs, posts: Sequence[ImageClassificationPost]) -> list[Any]:
         logits = outputs["logits"].float().numpy()
         return [rank_labels(row, self.labels, post.function, post.top_k) for row, post in zip(logits, posts)]
-
 
 
 def _open(field: str, data: bytes | bytearray) -> Any:

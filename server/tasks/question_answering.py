@@ -1,25 +1,28 @@
 """question-answering: extractive answers, with the semantics of transformers 4.x's pipeline.
 
-transformers 5 dropped the pipeline; this keeps its behaviour (parameters, defaults, span and
-offset rules, output {score, start, end, answer}):
+transformers 5 dropped the pipeline; this keeps its behaviour with a fast tokenizer (parameters,
+defaults, span and offset rules, output {score, start, end, answer}):
 
-- The question (cut to `max_question_len` tokens) and the context become windows of at most
-  `max_seq_len` tokens; a context that does not fit is split into overlapping windows sharing
-  `doc_stride` tokens. All windows of all inputs of a batch run through the backend together
-  (in chunks of the model's max_batch_size) and are regrouped per input afterwards.
+- The question and the context become windows of at most `max_seq_len` tokens; a context that
+  does not fit is split into overlapping windows sharing `doc_stride` tokens (the question is never
+  cut: 4.x's fast-tokenizer path takes `max_question_len` and ignores it, and so does this). All
+  windows of all inputs of a batch run through the backend together (in chunks of the model's
+  max_batch_size) and are regrouped per input afterwards.
 - In each window the start and end logits are softmaxed over the context tokens (and the [CLS]
   token, whose start x end probability is the "no answer" score); a span's score is
   p_start x p_end, for spans of at most `max_answer_len` tokens inside the context.
-- Each window's best spans are mapped to character offsets in the original context (widened to
-  whole words with `align_to_words`); the same answer text found twice (in overlapping windows,
-  say) counts once with the scores added; the best `top_k` over all windows are returned.
+- Each window's best spans are mapped to character offsets in the original context, widened with
+  `align_to_words` to the words they touch as the window holds them (a word cut by the window's
+  edge widens to its part inside the window, as in 4.x); the same answer text found twice (in
+  overlapping windows, say) counts once with the scores added; the best `top_k` over all windows
+  are returned.
 - With `handle_impossible_answer`, "no answer" ({start: 0, end: 0, answer: ""}) competes with
   the smallest no-answer score over the windows.
 
-Two 4.x artefacts are not kept: where it let invalid spans through (zero-score spans ending
-before they start, or starting on [CLS]) only real context spans are candidates here, and where
-it widened a span to the part of a word inside the window (a word cut by the window's edge gave
-"vably" for "unbelievably") the span is widened to the whole word of the context.
+One 4.x artefact is not kept: where a window has fewer real spans than the candidates it looks at
+(top_k * 2 + 10 with align_to_words), 4.x fills up with zero-score spans that end before they start
+or start on [CLS] (empty or odd answers, chosen by how numpy breaks ties); only real context spans
+are candidates here, so such a request returns fewer answers.
 """
 
 from __future__ import annotations
@@ -51,7 +54,6 @@ class WindowParams:
 
     max_seq_len: int
     doc_stride: int
-    max_question_len: int
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,8 @@ class QuestionAnsweringTask(TokenizingTask):
         max_seq_len = check_int("max_seq_len", params.get("max_seq_len", min(self.max_length, DEFAULT_MAX_SEQ_LEN)),
                                 self.special_tokens + 2, self.max_length)
         doc_stride = check_int("doc_stride", params.get("doc_stride", min(max_seq_len // 2, MAX_DOC_STRIDE)), 0, max_seq_len)
-        max_question_len = check_int("max_question_len", params.get("max_question_len", DEFAULT_MAX_QUESTION_LEN), 1)
+        # Checked, and then of no effect, as in 4.x with a fast tokenizer (see above).
+        check_int("max_question_len", params.get("max_question_len", DEFAULT_MAX_QUESTION_LEN), 1)
         top_k = check_int("top_k", params.get("top_k", DEFAULT_TOP_K), 1)
         max_answer_len = check_int("max_answer_len", params.get("max_answer_len", DEFAULT_MAX_ANSWER_LEN), 1)
         flags = {}
@@ -101,7 +104,7 @@ class QuestionAnsweringTask(TokenizingTask):
             if not isinstance(value, bool):
                 raise InvalidArgument(key, f"must be a boolean, got {value!r}")
             flags[key] = value
-        return TaskParams(pre=WindowParams(max_seq_len, doc_stride, max_question_len),
+        return TaskParams(pre=WindowParams(max_seq_len, doc_stride),
                           post=AnswerParams(top_k, max_answer_len, **flags))
 
     def check_input(self, index: int, item: Any) -> None:
@@ -117,7 +120,8 @@ class QuestionAnsweringTask(TokenizingTask):
     # -- windows ----------------------------------------------------------------------------------
 
     def preprocess(self, inputs: Sequence[tuple[str, str]], pre: WindowParams) -> Windows:
-        questions, question_lengths = self._cut_questions([q for q, _ in inputs], pre.max_question_len)
+        questions = [q for q, _ in inputs]
+        question_lengths = [len(ids) for ids in self.tokenizer(questions, add_special_tokens=False, verbose=False)["input_ids"]]
         contexts = [c for _, c in inputs]
         # Counted alone, a long context exceeds the model's length: that is what windows are for.
         context_lengths = [len(ids) for ids in self.tokenizer(contexts, add_special_tokens=False, verbose=False)["input_ids"]]
@@ -148,23 +152,6 @@ class QuestionAnsweringTask(TokenizingTask):
         owners = encoded.pop("overflow_to_sample_mapping").tolist()
         return Windows(tensors=dict(encoded), encodings=list(encoded.encodings), owners=owners)
 
-    def _cut_questions(self, questions: list[str], limit: int) -> tuple[list[str], list[int]]:
-        """Questions cut to `limit` tokens (at the end of the last kept token), and their token counts."""
-        encoded = self.tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        cut = list(questions)
-        recount = []
-        for i, ids in enumerate(encoded["input_ids"]):
-            if len(ids) > limit:
-                cut[i] = questions[i][: encoded["offset_mapping"][i][limit - 1][1]]
-                recount.append(i)
-        lengths = [len(ids) for ids in encoded["input_ids"]]
-        if recount:
-            # A cut inside a word may tokenize differently: count again.
-            again = self.tokenizer([cut[i] for i in recount], add_special_tokens=False)["input_ids"]
-            for i, ids in zip(recount, again):
-                lengths[i] = len(ids)
-        return cut, lengths
-
     def forward(self, features: Windows, fwd: Hashable, instance) -> Any:
         return run_in_chunks(instance, features.tensors, self.settings.max_batch_size)
 
@@ -182,7 +169,6 @@ class QuestionAnsweringTask(TokenizingTask):
         for i, ((_, context), post) in enumerate(zip(inputs, posts)):
             answers: list[dict[str, Any]] = []
             null_score = NO_NULL_SCORE
-            words = self.context_words([features.encodings[row] for row in rows_of[i]]) if post.align_to_words else {}
             for row in rows_of[i]:
                 encoding = features.encodings[row]
                 in_context = np.array([s == self.context_sequence for s in encoding.sequence_ids]) & attention[row]
@@ -196,7 +182,7 @@ class QuestionAnsweringTask(TokenizingTask):
                 p_start[0] = p_end[0] = 0.0
                 candidates = post.top_k * 2 + 10 if post.align_to_words else post.top_k
                 for s, e, score in best_spans(p_start, p_end, in_context, candidates, post.max_answer_len):
-                    begin, finish = self.char_span(encoding, s, e, words)
+                    begin, finish = self.char_span(encoding, s, e, post.align_to_words, self.context_sequence)
                     text = context[begin:finish]
                     same = next((a for a in answers if a["answer"].lower() == text.lower()), None)
                     if same is not None:
@@ -209,24 +195,17 @@ class QuestionAnsweringTask(TokenizingTask):
             results.append(answers[: post.top_k])
         return results
 
-    def context_words(self, encodings: list[Any]) -> dict[int, tuple[int, int]]:
-        """Word index -> character span of the whole word in the context, over all windows of an
-        input (a window's edge may cut a word; word indices count over the whole context)."""
-        words: dict[int, tuple[int, int]] = {}
-        for encoding in encodings:
-            for word, sequence, (begin, end) in zip(encoding.word_ids, encoding.sequence_ids, encoding.offsets):
-                if sequence == self.context_sequence and word is not None:
-                    known = words.get(word)
-                    words[word] = (begin, end) if known is None else (min(known[0], begin), max(known[1], end))
-        return words
-
     @staticmethod
-    def char_span(encoding: Any, start: int, end: int, words: dict[int, tuple[int, int]]) -> tuple[int, int]:
-        """Character offsets in the context of tokens start..end, widened to whole words when
-        `words` (from context_words) is given."""
-        start_word, end_word = encoding.word_ids[start], encoding.word_ids[end]
-        if words and start_word in words and end_word in words:
-            return words[start_word][0], words[end_word][1]
+    def char_span(encoding: Any, start: int, end: int, align_to_words: bool, sequence: int) -> tuple[int, int]:
+        """Character offsets in the context of tokens start..end; with align_to_words, of the words
+        they belong to as this window's encoding knows them (4.x's get_indices)."""
+        if align_to_words:
+            start_word, end_word = encoding.token_to_word(start), encoding.token_to_word(end)
+            if start_word is not None and end_word is not None:
+                first = encoding.word_to_chars(start_word, sequence_index=sequence)
+                last = encoding.word_to_chars(end_word, sequence_index=sequence)
+                if first is not None and last is not None:
+                    return first[0], last[1]
         return encoding.offsets[start][0], encoding.offsets[end][1]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any
 
-from pipeserve.server.tasks.text2text import _GENERATION_KEYS, Text2TextTask
+from pipeserve.server.tasks.text2text import Text2TextTask
 
 
 class SummarizationTask(Text2TextTask):
@@ -17,4 +17,4 @@ class SummarizationTask(Text2TextTask):
         # pipeline applies them: {"summarization": {"prefix": ..., "max_length": ..., "num_beams": ...}}.
         specific = (getattr(self.context.hf_config, "task_specific_params", None) or {}).get("summarization") or {}
         prefix = specific.get("prefix", self.model_prefix) or ""
-        return prefix, {k: v for k, v in specific.items() if k in _GENERATION_KEYS}, ()
+        return prefix, {k: v for k, v in specific.items() if k != "prefix"}, ()

@@ -18,12 +18,13 @@ from typing import Any
 
 from pipeserve.server.errors import InvalidArgument
 from pipeserve.server.tasks.registry import translation_languages
-from pipeserve.server.tasks.text2text import _GENERATION_KEYS, Text2TextTask
+from pipeserve.server.tasks.text2text import Text2TextTask
 
 
 class TranslationTask(Text2TextTask):
     name = "translation"
     result_key = "translation_text"
+    task_parameters = frozenset({"src_lang", "tgt_lang", "task"})
 
     def __init__(self, context):
         super().__init__(context)
@@ -57,7 +58,7 @@ class TranslationTask(Text2TextTask):
                 field = "src_lang" if all(s != src for s, _ in self.pairs) else "tgt_lang"
                 raise InvalidArgument(field, f"this model translates {known}; got {src}->{tgt}")
             prefix = settings.get("prefix", self.model_prefix) or ""
-            return prefix, {k: v for k, v in settings.items() if k in _GENERATION_KEYS}, ()
+            return prefix, {k: v for k, v in settings.items() if k != "prefix"}, ()
         if self.multilingual:
             if src is None or tgt is None:
                 raise InvalidArgument("src_lang" if src is None else "tgt_lang",
@@ -66,7 +67,7 @@ class TranslationTask(Text2TextTask):
         return self.model_prefix, {}, ()
 
     def preprocess(self, inputs: Sequence[str], pre: Hashable) -> Any:
-        prefix, langs = pre  # type: ignore[misc]
+        prefix, langs, truncate = pre  # type: ignore[misc]
         if not langs:
             return super().preprocess(inputs, pre)
         src, tgt = langs
@@ -74,8 +75,8 @@ class TranslationTask(Text2TextTask):
         with self._tokenizer_lock:
             try:
                 features = self.tokenizer._build_translation_inputs(
-                    texts, src_lang=src, tgt_lang=tgt, return_tensors="pt", padding=True, truncation=True,
-                    max_length=self.max_length)
+                    texts, src_lang=src, tgt_lang=tgt, return_tensors="pt", padding=True, truncation=truncate,
+                    max_length=self.max_length if truncate else None)
             except (KeyError, ValueError) as exc:
                 raise InvalidArgument("src_lang", f"{src}->{tgt} is not a language pair of this model: {exc}") from None
         features = dict(features)

@@ -224,14 +224,131 @@ const FINISH_REASONS = {
   FINISH_REASON_STOP_SEQUENCE: 'stop_sequence',
   FINISH_REASON_CANCELLED: 'cancelled',
 };
-const GENERATION_PARAMETERS = ['maxNewTokens', 'doSample', 'temperature', 'topK', 'topP', 'repetitionPenalty', 'seed'];
 
+/** camelCase back to transformers' snake_case (maxNewTokens → max_new_tokens). */
+const snake = (key) => key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+const camel = (key) => key.replace(/_([a-z])/g, (_, c) => c.toUpperCase());
+
+// google.protobuf.Value / Struct / ListValue as proto-loader wants them, and back.
+function toValue(value) {
+  if (value === null || value === undefined) return { nullValue: 'NULL_VALUE' };
+  if (typeof value === 'number') return { numberValue: value };
+  if (typeof value === 'string') return { stringValue: value };
+  if (typeof value === 'boolean') return { boolValue: value };
+  if (Array.isArray(value)) return { listValue: toList(value) };
+  if (typeof value === 'object') return { structValue: toStruct(value) };
+  throw new TypeError(`${typeof value} values cannot cross the wire: send numbers, strings, arrays or objects`);
+}
+const toList = (values) => ({ values: values.map(toValue) });
+const toStruct = (object) => ({ fields: Object.fromEntries(Object.entries(object).map(([k, v]) => [k, toValue(v)])) });
+
+// Decoded with oneofs: `kind` names the field a Value holds (defaults fill in the others).
+function fromValue(value) {
+  switch (value?.kind) {
+    case 'structValue':
+      return fromStruct(value.structValue);
+    case 'listValue':
+      return (value.listValue.values ?? []).map(fromValue);
+    case 'stringValue':
+    case 'numberValue':
+    case 'boolValue':
+      return value[value.kind];
+    default:
+      return null;
+  }
+}
+const fromStruct = (struct) => Object.fromEntries(Object.entries(struct?.fields ?? {}).map(([k, v]) => [k, fromValue(v)]));
+
+// GenerationParameters' own fields (transformers' names); any other parameter goes in `extra`,
+// which the server checks by name.
+const GENERATION_FIELDS = new Set([
+  'max_new_tokens', 'do_sample', 'temperature', 'top_k', 'top_p', 'repetition_penalty', 'seed', 'max_length',
+  'min_length', 'min_new_tokens', 'num_beams', 'early_stopping', 'length_penalty', 'no_repeat_ngram_size',
+  'typical_p', 'min_p', 'epsilon_cutoff', 'eta_cutoff', 'bad_words_ids', 'eos_token_id', 'pad_token_id',
+  'suppress_tokens', 'begin_suppress_tokens', 'encoder_repetition_penalty', 'stop_sequence', 'prefix',
+  'handle_long_generation', 'truncation', 'add_special_tokens', 'skip_special_tokens',
+  'clean_up_tokenization_spaces', 'continue_final_message', 'tools', 'documents', 'tokenizer_encode_kwargs',
+  'return_tensors',
+]);
+const FIELD_TYPES = {
+  bool: new Set(['do_sample', 'early_stopping', 'truncation', 'add_special_tokens', 'skip_special_tokens',
+    'clean_up_tokenization_spaces', 'continue_final_message', 'return_tensors']),
+  string: new Set(['prefix', 'handle_long_generation']),
+  list: new Set(['eos_token_id', 'suppress_tokens', 'begin_suppress_tokens', 'stop_sequence']),
+  json: new Set(['tools', 'documents', 'tokenizer_encode_kwargs']),
+};
+const REQUEST_FIELDS = new Set(['return_full_text', 'num_return_sequences']);
+const OWN = new Set(['stop_sequences', 'stop', 'logprobs', 'top_logprobs']);
+
+function fits(name, value) {
+  if (FIELD_TYPES.bool.has(name)) return typeof value === 'boolean';
+  if (FIELD_TYPES.string.has(name)) return typeof value === 'string';
+  if (FIELD_TYPES.list.has(name)) return Array.isArray(value) || typeof value === 'number' || typeof value === 'string';
+  if (FIELD_TYPES.json.has(name)) return name === 'tokenizer_encode_kwargs' ? typeof value === 'object' && !Array.isArray(value) : Array.isArray(value);
+  if (name === 'bad_words_ids') return Array.isArray(value) && value.every(Array.isArray);
+  return typeof value === 'number';
+}
+
+/** Call parameters (camelCase or snake_case, transformers' names) as a GenerationParameters message. */
 function generationParameters(params) {
   const parameters = {};
-  for (const name of GENERATION_PARAMETERS) if (params[name] != null) parameters[name] = params[name];
+  const extra = {};
+  for (const [key, value] of Object.entries(params)) {
+    const name = snake(key);
+    if (value === undefined || value === null || REQUEST_FIELDS.has(name) || OWN.has(name)) continue;
+    if (typeof value === 'function') throw new TypeError(`${name} is a function, which cannot cross the wire to the server`);
+    if (!GENERATION_FIELDS.has(name) || !fits(name, value)) {
+      extra[name] = value;
+    } else if (name === 'bad_words_ids') {
+      parameters.badWordsIds = value.map((ids) => ({ ids }));
+    } else if (FIELD_TYPES.list.has(name)) {
+      parameters[camel(name)] = Array.isArray(value) ? value : [value];
+    } else if (name === 'tokenizer_encode_kwargs') {
+      parameters.tokenizerEncodeKwargs = toStruct(value);
+    } else if (FIELD_TYPES.json.has(name)) {
+      parameters[camel(name)] = toList(value);
+    } else {
+      parameters[camel(name)] = value;
+    }
+  }
   const stop = params.stopSequences ?? params.stop;
   if (stop != null) parameters.stopSequences = typeof stop === 'string' ? [stop] : stop;
+  if (params.logprobs) {
+    parameters.logprobs = true;
+    parameters.topLogprobs = params.topLogprobs ?? 0;
+  }
+  if (Object.keys(extra).length) parameters.extra = toStruct(extra);
   return parameters;
+}
+
+const isMessage = (value) => value != null && typeof value === 'object' && !Array.isArray(value) && 'role' in value && 'content' in value;
+
+/** [conversations, single] as transformers tells a chat from prompts; [null, false] for prompts. */
+function chatInputs(inputs) {
+  if (!Array.isArray(inputs) || inputs.length === 0) return [null, false];
+  if (isMessage(inputs[0])) return [[inputs], true];
+  if (inputs.every((c) => Array.isArray(c) && c.length && isMessage(c[0]))) return [inputs, false];
+  return [null, false];
+}
+
+function chatMessage({ role, content, ...others }) {
+  const message = { role: String(role) };
+  if (typeof content === 'string') message.content = content;
+  else others.content = content;
+  if (Object.keys(others).length) message.fields = toStruct(others);
+  return message;
+}
+
+const conversation = (messages) => ({ messages: messages.map(chatMessage) });
+
+function asMessage({ role, content, fields }) {
+  return { role, content, ...(fields ? fromStruct(fields) : {}) };
+}
+
+function generatedRecord({ generatedText, generatedTokenIds, conversation: messages }) {
+  if (generatedTokenIds?.length) return { generated_token_ids: generatedTokenIds };
+  if (messages?.length) return { generated_text: messages.map(asMessage) };
+  return { generated_text: generatedText };
 }
 
 const textGeneration = {
@@ -239,22 +356,31 @@ const textGeneration = {
   aliases: [],
   service: 'TextGenerationService',
   method: 'Generate',
+  // Prompts, one conversation ([{role, content}, ...]) or several, as transformers' pipeline takes them.
   build(inputs, params) {
-    const request = { inputs: asList(inputs)[0], parameters: generationParameters(params) };
+    const request = { parameters: generationParameters(params) };
+    const [chats] = chatInputs(inputs);
+    if (chats) request.conversations = chats.map(conversation);
+    else request.inputs = asList(inputs)[0];
     if (params.returnFullText != null) request.returnFullText = Boolean(params.returnFullText);
     if (params.numReturnSequences != null) request.numReturnSequences = params.numReturnSequences;
     return request;
   },
   shape(response, inputs) {
-    const outputs = response.results.map(({ sequences }) => sequences.map(({ generatedText }) => ({ generated_text: generatedText })));
-    return one(outputs, asList(inputs)[1]);
+    const outputs = response.results.map(({ sequences }) => sequences.map(generatedRecord));
+    const [chats, singleChat] = chatInputs(inputs);
+    return one(outputs, chats ? singleChat : asList(inputs)[1]);
   },
-  // generate.stream(prompt, params): { text, tokenIds, finishReason, usage } as tokens are made.
+  // generate.stream(prompt or conversation, params): { text, tokenIds, finishReason, usage } as tokens are made.
   stream: {
     method: 'GenerateStream',
     build(input, params) {
-      if (typeof input !== 'string') throw new Error('stream() takes one prompt string');
-      return { input, parameters: generationParameters(params) };
+      const [chats, single] = chatInputs(input);
+      const request = { parameters: generationParameters(params) };
+      if (chats && single) request.conversation = conversation(chats[0]);
+      else if (typeof input === 'string') request.input = input;
+      else throw new Error('stream() takes one prompt string or one conversation');
+      return request;
     },
     async *shape(messages) {
       for await (const m of messages) {

@@ -135,6 +135,38 @@ describe('streaming text generation', { skip: (plain.skip || !(env.PIPESERVE_TES
   });
 });
 
+const chatEnv = env.PIPESERVE_TEST_CHAT_EXPECTED;
+describe('conversations', { skip: (plain.skip || !chatEnv) && 'no chat model is served' }, () => {
+  test('a conversation, or several, gets what the Python SDK gets (the reply appended)', async () => {
+    const { model, calls } = JSON.parse(readFileSync(chatEnv, 'utf8'));
+    const generate = open('text-generation', { target: TARGET, model });
+    for (const { inputs, params, result } of calls) {
+      assertClose(await generate(inputs, params), result, `chat(${JSON.stringify(inputs)}, ${JSON.stringify(params)})`);
+    }
+  });
+
+  test('stream() of a conversation yields the reply the unary call returns', async () => {
+    const { model } = JSON.parse(readFileSync(chatEnv, 'utf8'));
+    const generate = open('text-generation', { target: TARGET, model });
+    const messages = [{ role: 'user', content: 'Hello there' }];
+    const [{ generated_text: reply }] = await generate(messages, { max_new_tokens: 6, return_full_text: false });
+    const pieces = [];
+    for await (const piece of generate.stream(messages, { max_new_tokens: 6 })) pieces.push(piece.text);
+    assert.equal(pieces.join(''), reply);
+  });
+
+  test('parameters beyond the typed fields travel by name, and unknown ones are refused by name', async () => {
+    const generate = open('text-generation', { target: TARGET });
+    const [{ generated_text: text }] = await generate('Hello', { max_new_tokens: 4, sequenceBias: [[[5], 2.5]] });
+    assert.equal(typeof text, 'string');
+    await assert.rejects(generate('Hello', { no_such_parameter: 1 }), (error) => {
+      assert.equal(statusName(error.code), 'INVALID_ARGUMENT');
+      assert.match(error.details, /^no_such_parameter: /);
+      return true;
+    });
+  });
+});
+
 describe('connection behaviour', () => {
   test('UNAVAILABLE is retried with backoff, then reported', async () => {
     // A port on loopback that nothing listens on (port 1 is reserved: tcpmux).

@@ -19,6 +19,12 @@ class TaskCodec:
         self.model = model or ""
         self.task_name = task_name
 
+    def with_defaults(self, defaults: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        """A call's parameters over the pipeline's (pipeline(task, **defaults)). A task whose
+        result's shape depends on where a parameter was given (text-classification's top_k)
+        overrides this to note it."""
+        return {**defaults, **params}
+
     def call_arguments(self, args: tuple[Any, ...], params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """(inputs, params) from a call's arguments. Most tasks take the inputs as the one positional
         argument; tasks with other call shapes (question=..., context=...) override this."""

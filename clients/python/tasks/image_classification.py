@@ -5,10 +5,20 @@ import os
 from typing import Any
 
 from pipeserve.client.tasks.base import TaskCodec
+from pipeserve.client.tasks.parameters import CALL_OPTIONS, ParameterTable, int_value
 from pipeserve.v1 import image_classification_pb2 as pb
 from pipeserve.v1 import image_classification_pb2_grpc as pb_grpc
 
 _FUNCTIONS = {None: 0, "default": 0, "softmax": 1, "sigmoid": 2, "none": 3}
+
+PARAMETERS = ParameterTable(
+    served={
+        "top_k": "labels per image, ranked (default 5; at most the model's labels; 0: none)",
+        "function_to_apply": "softmax, sigmoid or none (transformers' ClassificationFunction too); unset: the model's",
+        # RemotePipeline.__call__ takes `timeout` itself: it never reaches the codec.
+        "timeout": "seconds: bounds the whole call (the SDK's deadline); the SDK never fetches URLs",
+    },
+).merged(CALL_OPTIONS)
 
 
 def image_bytes(image: Any) -> bytes:
@@ -32,6 +42,9 @@ def image_bytes(image: Any) -> bytes:
         buffer = io.BytesIO()
         upright.save(buffer, format="PNG")
         return buffer.getvalue()
+    if hasattr(image, "__array__") or hasattr(image, "__dlpack__"):
+        raise TypeError(f"an image array ({type(image).__name__}) of this process cannot cross the wire; pass a "
+                        "PIL.Image, a file path or the bytes of an image file")
     raise TypeError(f"an image must be bytes, a file path or a PIL.Image, not {type(image).__name__}")
 
 
@@ -46,7 +59,12 @@ class ImageClassificationCodec(TaskCodec):
             return params.pop("images"), params
         return super().call_arguments(args, params)
 
+    parameters = PARAMETERS
+
     def build(self, inputs: Any, params: dict[str, Any]) -> pb.ClassifyImageRequest:
+        params = PARAMETERS.check(self.task, params)
+        if inputs is None:
+            raise ValueError("Cannot call the image-classification pipeline without an inputs argument!")
         items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
         # transformers' ClassificationFunction enum or its value
         function = getattr(params.get("function_to_apply"), "value", params.get("function_to_apply"))
@@ -57,7 +75,7 @@ class ImageClassificationCodec(TaskCodec):
         request = pb.ClassifyImageRequest(model=self.model, inputs=[image_bytes(i) for i in items],
                                           function_to_apply=_FUNCTIONS[function])
         if params.get("top_k") is not None:
-            request.top_k = params["top_k"]
+            request.top_k = int_value(self.task, "top_k", params["top_k"])
         return request
 
     def shape(self, response: pb.ClassifyImageResponse, inputs: Any, params: dict[str, Any]) -> Any:

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeserve.client.tasks.generation import proto_parameters
 from pipeserve.v1 import seq2seq_generation_pb2 as pb
 
-FIELDS = frozenset(f.name for f in pb.Seq2SeqGenerationParameters.DESCRIPTOR.fields)
+# Set on the request itself, not in its parameters.
+REQUEST_FIELDS = frozenset({"clean_up_tokenization_spaces", "src_lang", "tgt_lang"})
 
 
-def parameters(task: str, params: dict[str, Any],
-               extra: frozenset[str] = frozenset()) -> pb.Seq2SeqGenerationParameters:
-    """generate() keyword arguments as a Seq2SeqGenerationParameters message."""
-    unknown = sorted(set(params) - FIELDS - extra - {"clean_up_tokenization_spaces"})
-    if unknown:
-        raise TypeError(f"{task} got unknown parameters {unknown}; known: {sorted(FIELDS | extra)}")
-    message = pb.Seq2SeqGenerationParameters()
-    for name in FIELDS:
-        if params.get(name) is not None:
-            setattr(message, name, params[name])
-    return message
+def parameters(task: str, params: dict[str, Any]) -> pb.Seq2SeqGenerationParameters:
+    """The pipeline's and generate()'s keyword arguments as a Seq2SeqGenerationParameters message
+    (typed fields, the rest in `extra`; the server checks every one)."""
+    return proto_parameters(pb.Seq2SeqGenerationParameters(),
+                            {k: v for k, v in params.items() if k not in REQUEST_FIELDS}, task)
+
+
+def output(result: Any, key: str) -> dict[str, Any]:
+    """One output as transformers 4.x records it: {"<key>_text"} or, with return_tensors, {"<key>_token_ids"}."""
+    ids = getattr(result, f"{key}_token_ids")
+    if ids:
+        return {f"{key}_token_ids": list(ids)}
+    return {f"{key}_text": getattr(result, f"{key}_text")}
 
 
 def shape(per_input: list[list[dict[str, Any]]], inputs: Any) -> Any:

@@ -21,5 +21,5 @@ class SummarizationCodec(TaskCodec):
         )
 
     def shape(self, response: pb.SummarizeResponse, inputs: Any, params: dict[str, Any]) -> Any:
-        per_input = [[{"summary_text": s.summary_text} for s in r.summaries] for r in response.results]
+        per_input = [[seq2seq.output(s, "summary") for s in r.summaries] for r in response.results]
         return seq2seq.shape(per_input, inputs)

@@ -26,10 +26,10 @@ class TranslationCodec(TaskCodec):
             src, tgt = match.group(1), match.group(2)
         return pb.TranslateRequest(
             model=self.model, inputs=items, src_lang=src or "", tgt_lang=tgt or "",
-            parameters=seq2seq.parameters(self.task_name, params, frozenset({"src_lang", "tgt_lang"})),
+            parameters=seq2seq.parameters(self.task_name, params),
             clean_up_tokenization_spaces=bool(params.get("clean_up_tokenization_spaces")),
         )
 
     def shape(self, response: pb.TranslateResponse, inputs: Any, params: dict[str, Any]) -> Any:
-        per_input = [[{"translation_text": t.translation_text} for t in r.translations] for r in response.results]
+        per_input = [[seq2seq.output(t, "translation") for t in r.translations] for r in response.results]
         return seq2seq.shape(per_input, inputs)

@@ -9,12 +9,13 @@ shape: KServe v2 / Triton's `{"error": "..."}` by default, OpenAI's through its 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -23,6 +24,8 @@ from pipeserve.server.dataplane import CallGate, request_model, request_priority
 from pipeserve.server.errors import InvalidArgument, PipeserveError
 
 log = logging.getLogger("pipeserve.requests")
+
+T = TypeVar("T")
 
 # grpc.StatusCode name -> HTTP status. FAILED_PRECONDITION is 400, as Triton answers a request the
 # server's state refuses (a model of another task, load/unload with model control off): the client
@@ -125,7 +128,8 @@ async def json_body(request: Request, *, required: bool = True) -> Any:
     if not body and not required:
         return None
     if media and media != "application/json" and not media.endswith("+json"):
-        raise HttpError(415, f"content-type {media!r} is not supported; send application/json")
+        raise HttpError(415, f"content-type {media!r} is not supported; send application/json "
+                        "(curl: -H 'content-type: application/json')")
     return parse_json(body)
 
 
@@ -133,11 +137,16 @@ def parse_json(body: bytes, what: str = "the request body") -> Any:
     if not body:
         raise HttpError(400, f"{what} is empty; send a JSON object")
     try:
-        return json.loads(body)
+        # Decoded here: json.loads would take a UTF-16 or UTF-32 body too, which JSON over HTTP is not.
+        text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise HttpError(400, f"{what} is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise HttpError(400, f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise HttpError(400, f"{what} nests arrays or objects too deeply") from None
 
 
 def json_object(value: Any, what: str, allowed: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -150,6 +159,30 @@ def json_object(value: Any, what: str, allowed: tuple[str, ...] | None = None) -
                 raise InvalidArgument(f"{what}.{key}" if what != "body" else key,
                                       f"is not a field here; fields: {', '.join(allowed)}")
     return value
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Awaits `work`, cancelling it (and so withdrawing its inputs from the model's queue, as a
+    cancelled gRPC call does) if the client disconnects first. Call it once the body is read:
+    from then on the request's receive() only ever reports the disconnect."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientDisconnect()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 # -- the call scope ------------------------------------------------------------------------------
@@ -199,8 +232,10 @@ def endpoint(gate: CallGate | None, render: ErrorRenderer = v2_error) -> Callabl
                 status = http_status(exc)
                 return render(status, error_message(exc))
             except ClientDisconnect:
+                # Nobody reads the answer (uvicorn drops what is sent to a closed connection); no
+                # traceback for a client that went away.
                 status = 499
-                raise
+                return Response(status_code=499)
             except Exception as exc:
                 log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
                 return render(500, error_message(exc))

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from pipeserve.server.adapters.http.errors import endpoint, error_message, json_body, json_object
+from pipeserve.server.adapters.http.errors import endpoint, error_message, json_body, json_object, unless_disconnected
 from pipeserve.server.adapters.http.kserve import MODEL_PATHS
 from pipeserve.server.adapters.http.sse import EventStream, sse_data
 from pipeserve.server.adapters.kserve_codecs import CodecCache
@@ -97,8 +97,9 @@ class TritonGenerate:
 
     async def _generate(self, request: Request) -> Response:
         model, version, generate = await self._request(request)
-        served, results = await self.plane.infer(model.task_name, [generate.prompt], generate.params, model=model.name,
-                                                 version=version, timeout=generate.timeout, priority=generate.priority)
+        served, results = await unless_disconnected(request, self.plane.infer(
+            model.task_name, [generate.prompt], generate.params, model=model.name, version=version,
+            timeout=generate.timeout, priority=generate.priority))
         sequences = results[0]
         texts = [s["generated_text"] for s in sequences]
         doc: dict[str, Any] = {"model_name": served.name, "model_version": str(served.version),

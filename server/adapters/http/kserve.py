@@ -10,13 +10,14 @@ JSON). Model management through the ControlPlane, inference through the DataPlan
 from __future__ import annotations
 
 import zlib
+from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from tritonclient.grpc import service_pb2 as v2
 
-from pipeserve.server.adapters.http.errors import HttpError, endpoint, json_body, json_object
+from pipeserve.server.adapters.http.errors import HttpError, endpoint, json_body, json_object, unless_disconnected
 from pipeserve.server.adapters.http.v2_tensors import (
     BINARY_CONTENT_TYPE,
     HEADER_LENGTH,
@@ -30,6 +31,7 @@ from pipeserve.server.adapters.kserve_inference import (
     EXTENSIONS,
     SERVER_NAME,
     V2Inference,
+    V2Response,
     parse_version,
     platform,
     repository_index,
@@ -143,10 +145,7 @@ class KServeRest:
         body = await self._decoded_body(request)
         parsed = parse_infer_request(body, header_length, request.path_params["model"],
                                      request.path_params.get("version", ""))
-        response = None
-        async for response in self.inference.responses(parsed.request, None):
-            pass
-        assert response is not None
+        response = await unless_disconnected(request, _last(self.inference.responses(parsed.request, None)))
         content, json_length = infer_response_body(response, parsed.binary, parsed.binary_default)
         if json_length is None:
             return Response(content, media_type="application/json")
@@ -206,6 +205,15 @@ class KServeRest:
         if "trace" in path:
             raise Unimplemented("tracing is not supported; use --log-level debug for one log line per request")
         raise Unimplemented("log settings are not supported at run time; use --log-level and --log-format")
+
+
+async def _last(responses: AsyncIterator[V2Response]) -> V2Response:
+    """The one response of a request that is not streamed."""
+    last = None
+    async for last in responses:
+        pass
+    assert last is not None
+    return last
 
 
 def _check_json_content_type(request: Request) -> None:

@@ -55,8 +55,8 @@ class FieldNames:
                 if not self.indexed and rest.startswith("[0]"):
                     rest = rest[3:]
                 return self.inputs + rest
-        head, sep, rest = name.partition(".")
-        return self.renames.get(head, head) + sep + rest
+        head = re.match(r"[A-Za-z_]*", name).group()  # type: ignore[union-attr]
+        return self.renames.get(head, head) + name[len(head):]
 
     def translate(self, exc: InvalidArgument) -> InvalidArgument:
         """The same error in the request's own names."""

@@ -29,7 +29,7 @@ _TOOLS_WHY = ("tool calling needs replies parsed into tool calls, which this ser
               "tools in a message instead")
 _NO_TOOLS = f"is not supported: {_TOOLS_WHY}"
 
-# Refused unless set to their no-op value (None, and what `_NO_OP` accepts): the reason says why.
+# Refused unless set to their no-op value (None, or what `_no_op` accepts): the reason says why.
 COMMON_REFUSED: dict[str, str] = {
     "presence_penalty": _NO_PENALTY,
     "frequency_penalty": _NO_PENALTY,
@@ -55,6 +55,7 @@ CHAT_REFUSED: dict[str, str] = {
     "web_search_options": "is not supported: the server has no web search",
     "store": "is supported only as false: the server stores no completions",
 }
+_SAMPLE = "set temperature above 0 (left out, the model's generation config decides, and it may decode greedily)"
 # Accepted and without effect on the result.
 IGNORED = frozenset({"user", "metadata", "service_tier", "parallel_tool_calls"})
 
@@ -111,6 +112,13 @@ class GenerationRequest:
     names: FieldNames
     # completions' echo: the prompt comes before the completion.
     echo: bool = False
+
+    def translate(self, exc: InvalidArgument) -> InvalidArgument:
+        """A task's error in this request's names. The task refuses several sequences of greedy
+        decoding in its own terms (do_sample, num_beams); OpenAI's way to sample is temperature."""
+        if exc.field == "num_return_sequences":
+            return InvalidArgument("n", f"above 1 needs sampling: {_SAMPLE}")
+        return self.names.translate(exc)
 
     def unary_params(self) -> dict[str, Any]:
         return {**self.params, "num_return_sequences": self.n} if self.n != 1 else self.params
@@ -265,7 +273,7 @@ def _generation(body: Mapping[str, Any], inputs: list[Any], names: FieldNames, l
         raise InvalidArgument("n", f"must be an integer from 1 to {MAX_RETURN_SEQUENCES}, got {n!r}")
     stream = _flag(body, "stream")
     if stream and n > 1 and not params.get("do_sample"):
-        raise InvalidArgument("n", "above 1 in a stream needs sampling: set temperature above 0 (or top_p)")
+        raise InvalidArgument("n", f"above 1 in a stream needs sampling asked for: {_SAMPLE}")
     return GenerationRequest(
         model=_model(body), inputs=inputs, params=params, n=n, stream=stream,
         include_usage=_stream_options(body, stream), logprobs=logprobs, stops=stops, names=names, echo=echo,

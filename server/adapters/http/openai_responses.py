@@ -8,7 +8,6 @@ rule; the engine's text ends right after it), usage.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -46,12 +45,6 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
-
-
-def sse(data: dict | str) -> bytes:
-    """One server-sent event: `data: <json>` and a blank line."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()
 
 
 class StopHoldBack:

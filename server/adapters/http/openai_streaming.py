@@ -1,52 +1,19 @@
-"""Server-sent events for the OpenAI routes: a response that always closes its stream, and the
-choices of one request (n, several prompts) read as one stream.
+"""The choices of one streamed OpenAI request (n of them per prompt, several prompts) read as one
+stream of (choice, event).
 
-Closing is how a sequence stops early (DataPlane.stream): when the client goes away, Starlette
-cancels the response's sending, the cancellation runs through the chunk generator into each
-sequence's stream, and the engine drops the sequence at its next step.
+Closing is how a sequence stops early (DataPlane.stream): when the client goes away, the
+response (http/sse.py's EventStream) closes its chunk generator, which closes this, which closes
+every choice's stream, and the engine drops the sequences at its next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, TypeVar
 
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
-
-from pipeserve.server.adapters.http.errors import GatedStream
-
 T = TypeVar("T")
-
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-
-
-class EventStreamResponse(StreamingResponse, GatedStream):
-    """`text/event-stream` from a chunk generator, which is closed however the response ends
-    (finished, the client gone, or never sent); then the call leaves the server's drain gate
-    (`on_close`, set by http/errors.py's `endpoint`)."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, chunks: AsyncGenerator[bytes, None]):
-        super().__init__(chunks, headers=SSE_HEADERS)
-        self.chunks = chunks
-        self._closed: Callable[[], None] | None = None
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        self._closed = callback
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            try:
-                await self.chunks.aclose()
-            finally:
-                if self._closed is not None:
-                    self._closed()
 
 
 async def merged(streams: Sequence[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, T], None]:

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from pipeserve.server.adapters.http.errors import endpoint, json_body, json_object
+from pipeserve.server.adapters.http.errors import endpoint, json_body, json_object, unless_disconnected
 from pipeserve.server.control_plane import ControlPlane
 from pipeserve.server.dataplane import DataPlane
 from pipeserve.server.errors import InvalidArgument, ModelNotFound
@@ -74,8 +74,11 @@ class PipelineShape:
 
 
 class TextClassification(PipelineShape):
+    """transformers 5's shapes: a text gives [best label], a {"text", "text_pair"} dict the best
+    label itself; with top_k, the labels ranked (top_k null: every label; 0: none)."""
+
     task = "text-classification"
-    parameters = ("top_k", "function_to_apply")
+    parameters = ("top_k", "function_to_apply", "return_all_scores")
 
     def request(self, inputs, params):
         items, _ = as_list(inputs)
@@ -90,17 +93,22 @@ class TextClassification(PipelineShape):
             else:
                 out.append((item, "") if pairs else item)
         params = dict(params)
-        if "top_k" in params and params["top_k"] is None:
-            params["top_k"] = 0  # transformers' top_k=None: every label
+        if "top_k" in params:
+            # The task's top_k 0 is every label, transformers' None; transformers' 0 (no label) is cut in shape().
+            params["top_k"] = 0 if params["top_k"] is None else (params["top_k"] or 1)
         params["has_text_pairs"] = pairs
         return out, params
 
     def shape(self, results, inputs, params):
         labels = [[{"label": e["label"], "score": e["score"]} for e in r] for r in results]
-        if "top_k" not in params:
-            # transformers' legacy shape: the best label as a dict per input, in a list.
-            return [r[0] for r in labels]
-        return super().shape(labels, inputs, params)
+        ranked = "top_k" in params
+        if ranked and params["top_k"] == 0:
+            labels = [[] for _ in labels]
+        elif not ranked and not params.get("return_all_scores"):
+            labels = [r[0] for r in labels]  # transformers' legacy result: the best label's dict
+        if isinstance(inputs, str):
+            return labels if not ranked else labels[0]
+        return labels[0] if isinstance(inputs, dict) else labels
 
 
 class ImageClassification(PipelineShape):
@@ -336,7 +344,8 @@ class Pipelines:
         model, version = _model(request, doc)
         inputs = doc["inputs"]
         items, task_params = shape.request(inputs, params)
-        served, results = await self.plane.infer(task, items, task_params, model=model, version=version)
+        served, results = await unless_disconnected(
+            request, self.plane.infer(task, items, task_params, model=model, version=version))
         return PipelineResponse(shape.shape(results, inputs, params),
                                 headers={"pipeserve-model": served.name, "pipeserve-model-version": str(served.version)})
 
