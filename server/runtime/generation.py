@@ -54,14 +54,21 @@ class GenerationRuntime:
         with counted(self.stats):
             plans = self.task.sequence_plans(inputs, params)
             sequences = []
+            waits: list[asyncio.Future] = []
             try:
                 for per_input in plans:
                     sequences.append([self.engine.submit(make_plan, deadline) for make_plan in per_input])
-                outcomes = await asyncio.gather(*(s.outcome() for per_input in sequences for s in per_input))
+                waits = [asyncio.ensure_future(s.outcome()) for per_input in sequences for s in per_input]
+                outcomes = await asyncio.gather(*waits)
             except BaseException:
+                # One sequence failed (or the call was cancelled): the others stop, and their waits
+                # end here rather than run on unawaited.
                 for per_input in sequences:
                     for sequence in per_input:
                         sequence.cancel()
+                for wait in waits:
+                    wait.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
                 raise
             grouped, start = [], 0
             for per_input in plans:
