@@ -25,7 +25,24 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from pipeserve.server.errors import InvalidArgument
-from pipeserve.server.tasks.base import TaskContext, check_float, check_int
+from pipeserve.server.tasks.base import TaskContext
+from pipeserve.server.tasks.generation_checks import (
+    MAX_BEAMS,
+    check_bool,
+    check_stop_strings,
+    decay,
+    early_stopping,
+    finite,
+    float_in,
+    int_in,
+    json_object,
+    positive,
+    sequence_bias_pairs,
+    token_id,
+    token_id_lists,
+    token_id_or_ids,
+    token_ids,
+)
 
 # What `generate()` uses for a parameter that neither the call nor the model's generation config
 # sets (transformers' GenerationConfig._get_default_generation_params, the same in 4.57 and 5.x).
@@ -50,133 +67,9 @@ GENERATE_DEFAULTS: dict[str, Any] = {
     "encoder_repetition_penalty": 1.0,
 }
 
-SEED_MAX = 2**64 - 1
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_SEQUENCE_CHARS = 256
-MAX_BEAMS = 32
-MAX_TOKEN_LISTS = 4096
-MAX_TOKENS_PER_LIST = 256
-
 # torch's default generator is process-wide and generate() samples from it: a seeded call holds
 # this lock from seeding to its last draw, so that no other sampling thread moves it meanwhile.
 DEFAULT_GENERATOR = threading.Lock()
-
-
-# -- checkers: (field, value) -> the checked value -------------------------------------------------
-
-def check_bool(field: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidArgument(field, f"must be true or false, got {value!r}")
-    return value
-
-
-def check_seed(value: Any) -> int:
-    return check_int("seed", value, 0, SEED_MAX)
-
-
-def _whole(field: str, value: Any) -> Any:
-    """JSON numbers arrive as floats from a protobuf Struct: 3.0 is the integer 3."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def _int(low: int, high: int | None = None) -> Callable[[str, Any], int]:
-    return lambda field, value: check_int(field, _whole(field, value), low, high)
-
-
-def _float(low: float, high: float | None = None, low_open: bool = False) -> Callable[[str, Any], float]:
-    return lambda field, value: check_float(field, value, low, high, low_open)
-
-
-def _positive(field: str, value: Any) -> float:
-    return check_float(field, value, 0.0, None, low_open=True)
-
-
-def _finite(field: str, value: Any) -> float:
-    return check_float(field, value, -1e6, 1e6)
-
-
-def _token(field: str, value: Any) -> int:
-    return check_int(field, _whole(field, value), 0)
-
-
-def _tokens(field: str, value: Any, *, empty: bool = True) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)):
-        raise InvalidArgument(field, f"must be a list of token ids, got {value!r}")
-    if not empty and not value:
-        raise InvalidArgument(field, "must not be empty")
-    if len(value) > MAX_TOKENS_PER_LIST * 16:
-        raise InvalidArgument(field, f"has {len(value)} token ids; at most {MAX_TOKENS_PER_LIST * 16}")
-    return tuple(_token(f"{field}[{i}]", v) for i, v in enumerate(value))
-
-
-def _token_or_tokens(field: str, value: Any) -> int | tuple[int, ...]:
-    if isinstance(value, (list, tuple)):
-        return _tokens(field, value, empty=False)
-    return _token(field, value)
-
-
-def _token_lists(field: str, value: Any) -> tuple[tuple[int, ...], ...]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise InvalidArgument(field, f"must be a non-empty list of token id lists, got {value!r}")
-    if len(value) > MAX_TOKEN_LISTS:
-        raise InvalidArgument(field, f"has {len(value)} entries; at most {MAX_TOKEN_LISTS}")
-    return tuple(_tokens(f"{field}[{i}]", ids, empty=False) for i, ids in enumerate(value))
-
-
-def _sequence_bias(field: str, value: Any) -> tuple[tuple[tuple[int, ...], float], ...]:
-    """transformers' list form: [[token ids, bias], ...] (a JSON object cannot have tuple keys)."""
-    if not isinstance(value, (list, tuple)) or not value:
-        raise InvalidArgument(field, f"must be a non-empty list of [token ids, bias] pairs, got {value!r}")
-    if len(value) > MAX_TOKEN_LISTS:
-        raise InvalidArgument(field, f"has {len(value)} entries; at most {MAX_TOKEN_LISTS}")
-    pairs = []
-    for i, pair in enumerate(value):
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise InvalidArgument(f"{field}[{i}]", f"must be a [token ids, bias] pair, got {pair!r}")
-        pairs.append((_tokens(f"{field}[{i}][0]", pair[0], empty=False), _finite(f"{field}[{i}][1]", pair[1])))
-    return tuple(pairs)
-
-
-def _early_stopping(field: str, value: Any) -> bool | str:
-    if value == "never" or isinstance(value, bool):
-        return value
-    raise InvalidArgument(field, f"must be true, false or \"never\", got {value!r}")
-
-
-def _decay(field: str, value: Any) -> tuple[int, float]:
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise InvalidArgument(field, f"must be a [start_index, decay_factor] pair, got {value!r}")
-    return _int(0)(f"{field}[0]", value[0]), check_float(f"{field}[1]", value[1], 1.0, 100.0)
-
-
-def check_stop_strings(field: str, value: Any) -> tuple[str, ...]:
-    """A string or a list of strings, each non-empty."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
-        raise InvalidArgument(field, "must be a string or a list of strings")
-    if len(value) > MAX_STOP_SEQUENCES:
-        raise InvalidArgument(field, f"has {len(value)} entries; at most {MAX_STOP_SEQUENCES}")
-    for i, stop in enumerate(value):
-        if not stop:
-            raise InvalidArgument(f"{field}[{i}]", "must not be empty")
-        if len(stop) > MAX_STOP_SEQUENCE_CHARS:
-            raise InvalidArgument(f"{field}[{i}]", f"is {len(stop)} characters; at most {MAX_STOP_SEQUENCE_CHARS}")
-    return tuple(value)
-
-
-def check_stop_sequences(value: Any) -> tuple[str, ...]:
-    return check_stop_strings("stop_sequences", value)
-
-
-def _json_object(field: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise InvalidArgument(field, f"must be an object, got {value!r}")
-    return dict(value)
 
 
 # -- the tables --------------------------------------------------------------------------------
@@ -184,53 +77,53 @@ def _json_object(field: str, value: Any) -> dict[str, Any]:
 # Served generate() arguments and GenerationConfig fields, with their checkers.
 GENERATE_PARAMETERS: dict[str, Callable[[str, Any], Any]] = {
     # length
-    "max_length": _int(1),
-    "max_new_tokens": _int(1),
-    "min_length": _int(0),
-    "min_new_tokens": _int(0),
-    "early_stopping": _early_stopping,
-    "max_time": _positive,
+    "max_length": int_in(1),
+    "max_new_tokens": int_in(1),
+    "min_length": int_in(0),
+    "min_new_tokens": int_in(0),
+    "early_stopping": early_stopping,
+    "max_time": positive,
     "stop_strings": check_stop_strings,
     # strategy
     "do_sample": check_bool,
-    "num_beams": _int(1, MAX_BEAMS),
-    "num_return_sequences": _int(1),
+    "num_beams": int_in(1, MAX_BEAMS),
+    "num_return_sequences": int_in(1),
     # logits
-    "temperature": _float(0.0, 100.0, low_open=True),
-    "top_k": _int(0),
-    "top_p": _float(0.0, 1.0, low_open=True),
-    "min_p": _float(0.0, 1.0),
-    "typical_p": _float(0.0, 1.0, low_open=True),
-    "epsilon_cutoff": _float(0.0, 1.0),
-    "eta_cutoff": _float(0.0, 1.0),
-    "top_h": _float(0.0, 1.0, low_open=True),
-    "repetition_penalty": _float(0.0, 100.0, low_open=True),
-    "encoder_repetition_penalty": _float(0.0, 100.0, low_open=True),
-    "length_penalty": _float(-100.0, 100.0),
-    "no_repeat_ngram_size": _int(0),
-    "encoder_no_repeat_ngram_size": _int(0),
-    "bad_words_ids": _token_lists,
-    "sequence_bias": _sequence_bias,
+    "temperature": float_in(0.0, 100.0, low_open=True),
+    "top_k": int_in(0),
+    "top_p": float_in(0.0, 1.0, low_open=True),
+    "min_p": float_in(0.0, 1.0),
+    "typical_p": float_in(0.0, 1.0, low_open=True),
+    "epsilon_cutoff": float_in(0.0, 1.0),
+    "eta_cutoff": float_in(0.0, 1.0),
+    "top_h": float_in(0.0, 1.0, low_open=True),
+    "repetition_penalty": float_in(0.0, 100.0, low_open=True),
+    "encoder_repetition_penalty": float_in(0.0, 100.0, low_open=True),
+    "length_penalty": float_in(-100.0, 100.0),
+    "no_repeat_ngram_size": int_in(0),
+    "encoder_no_repeat_ngram_size": int_in(0),
+    "bad_words_ids": token_id_lists,
+    "sequence_bias": sequence_bias_pairs,
     "renormalize_logits": check_bool,
     "remove_invalid_values": check_bool,
-    "exponential_decay_length_penalty": _decay,
-    "suppress_tokens": _tokens,
-    "begin_suppress_tokens": _tokens,
-    "forced_bos_token_id": _token,
-    "forced_eos_token_id": _token_or_tokens,
-    "guidance_scale": _finite,
-    "negative_prompt_ids": lambda field, value: _tokens(field, value, empty=False),
-    "negative_prompt_attention_mask": lambda field, value: _tokens(field, value, empty=False),
-    "watermarking_config": _json_object,
+    "exponential_decay_length_penalty": decay,
+    "suppress_tokens": token_ids,
+    "begin_suppress_tokens": token_ids,
+    "forced_bos_token_id": token_id,
+    "forced_eos_token_id": token_id_or_ids,
+    "guidance_scale": finite,
+    "negative_prompt_ids": lambda field, value: token_ids(field, value, empty=False),
+    "negative_prompt_attention_mask": lambda field, value: token_ids(field, value, empty=False),
+    "watermarking_config": json_object,
     "token_healing": check_bool,
     # special tokens
-    "pad_token_id": _token,
-    "bos_token_id": _token,
-    "eos_token_id": _token_or_tokens,
-    "decoder_start_token_id": _token,
+    "pad_token_id": token_id,
+    "bos_token_id": token_id,
+    "eos_token_id": token_id_or_ids,
+    "decoder_start_token_id": token_id,
     # prompt lookup decoding (assisted generation that needs no assistant model)
-    "prompt_lookup_num_tokens": _int(1, 64),
-    "max_matching_ngram_size": _int(1, 64),
+    "prompt_lookup_num_tokens": int_in(1, 64),
+    "max_matching_ngram_size": int_in(1, 64),
 }
 
 # Token ids among them, checked against the model's vocabulary.
@@ -337,7 +230,7 @@ def split_parameters(params: Mapping[str, Any], own: frozenset[str],
     checked_config: dict[str, Any] | None = None
     if config is not None:
         checked_config = {}
-        for key, value in _json_object("generation_config", config).items():
+        for key, value in json_object("generation_config", config).items():
             _take(f"generation_config.{key}", key, value, checked_config, task)
     pipeline: dict[str, Any] = {}
     generate: dict[str, Any] = {}

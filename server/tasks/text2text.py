@@ -28,13 +28,13 @@ import torch
 from pipeserve.backends.base import Instance
 from pipeserve.server.errors import InvalidArgument
 from pipeserve.server.tasks.base import TaskParams, TokenizingTask, check_int
+from pipeserve.server.tasks.generation_checks import check_seed
 from pipeserve.server.tasks.generation_params import (
     DEFAULT_GENERATOR,
     GENERATE_DEFAULTS,
     GENERATE_PARAMETERS,
     check_bool,
     check_combinations,
-    check_seed,
     check_token_ids,
     generate_objects,
     model_generation_config,

@@ -20,110 +20,52 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-import torch
 
-from pipeserve.backends.base import Instance
-from pipeserve.server.errors import InvalidArgument, PipeserveError, Unimplemented
+from pipeserve.server.errors import InvalidArgument
 from pipeserve.server.generation.detokenizer import IncrementalDetokenizer
 from pipeserve.server.generation.outputs import FinishReason, SequenceOutcome, StoppingCriteria
 from pipeserve.server.generation.sampling import SamplingParams, TokenChooser
 from pipeserve.server.generation.sequence import PlanFactory, SequencePlan
 from pipeserve.server.tasks import chat
 from pipeserve.server.tasks.base import TaskParams, TokenizingTask, check_int
+from pipeserve.server.tasks.text_generation_options import (
+    ENCODE_KEYS,
+    MAX_RETURN_SEQUENCES,
+    MAX_TOP_LOGPROBS,
+    PADDINGS,
+    PIPELINE_DEFAULTS,
+    PIPELINE_PARAMETERS,
+    PIPESERVE_PARAMETERS,
+    RETURN_TYPES,
+    SAMPLING_ONLY,
+    TRUNCATIONS,
+    GenerationOptions,
+    Prompt,
+    json_list,
+    long_generation,
+    needs_whole_sequence,
+    one_of,
+    optional_bool,
+)
+from pipeserve.server.tasks.whole_sequence import WholeSequenceGeneration
+from pipeserve.server.tasks.generation_checks import check_seed, check_stop_sequences, check_stop_strings
 from pipeserve.server.tasks.generation_params import (
-    DEFAULT_GENERATOR,
-    ENGINE_PARAMETERS,
     GENERATE_DEFAULTS,
-    GENERATE_PARAMETERS,
     as_token_ids,
     check_bool,
     check_combinations,
-    check_seed,
-    check_stop_sequences,
-    check_stop_strings,
     check_token_ids,
     eos_token_ids,
-    generate_objects,
     model_generation_config,
     model_set_parameters,
     split_parameters,
     vocab_size,
 )
 
-# transformers 5's TextGenerationPipeline._default_generation_config, for what the model's
-# generation config leaves unset (the pipeline adds the tokenizer's pad token too).
-PIPELINE_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
-# The pipeline's defaults for these apply only when sampling (Pipeline._prepare_generate_kwargs).
-_SAMPLING_ONLY = frozenset({"temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff",
-                            "eta_cutoff"})
-MAX_RETURN_SEQUENCES = 64
-MAX_TOP_LOGPROBS = 20
-
-# The pipeline's own parameters (TextGenerationPipeline._sanitize_parameters, and the two it pops
-# from the generate kwargs), then pipeserve's. max_length is both the tokenizer's and generate()'s.
-PIPELINE_PARAMETERS = frozenset({
-    "return_full_text", "return_tensors", "return_text", "return_type", "clean_up_tokenization_spaces", "prefix",
-    "handle_long_generation", "stop_sequence", "truncation", "max_length", "continue_final_message",
-    "skip_special_tokens", "tokenizer_encode_kwargs", "tools", "documents", "add_special_tokens", "padding",
-})
-PIPESERVE_PARAMETERS = frozenset({"stop_sequences", "logprobs", "top_logprobs", "seed"})
-
-RETURN_TYPES = {0: "tensors", 1: "new_text", 2: "full_text", "tensors": "tensors", "new_text": "new_text",
-                "full_text": "full_text"}
-_TRUNCATIONS = (True, False, "longest_first", "only_first", "only_second", "do_not_truncate")
-_PADDINGS = (False, True, "longest", "do_not_pad")
-# tokenizer_encode_kwargs for a prompt string: tokenizer options, not the output form.
-_ENCODE_KEYS = frozenset({"add_special_tokens", "truncation", "max_length", "padding", "split_special_tokens"})
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """A request's parameters, checked and resolved against the model's and the pipeline's defaults."""
-
-    # generate()'s keyword arguments as the pipeline passes them (the request's and the defaults
-    # it adds; the model's generation config fills in the rest): what a whole sequence runs with.
-    generate: dict[str, Any] = field(default_factory=dict)
-    # The same resolved over the model's and generate()'s defaults: what the engine's chooser uses.
-    resolved: dict[str, Any] = field(default_factory=dict)
-    whole_sequence: bool = False
-    sampling: SamplingParams = SamplingParams()
-    eos_token_ids: tuple[int, ...] = ()
-    # transformers' stop_sequence (generate's stop_strings): the text keeps the token that completes one.
-    stop_strings: tuple[str, ...] = ()
-    # pipeserve's stop_sequences: the text ends right after one.
-    stop_sequences: tuple[str, ...] = ()
-    return_type: str = "full_text"
-    clean_up_tokenization_spaces: bool | None = None
-    skip_special_tokens: bool = True
-    prefix: str = ""
-    prefix_length: int = 0
-    handle_long_generation: str | None = None
-    tokenizer_kwargs: dict[str, Any] = field(default_factory=dict)
-    encode_kwargs: dict[str, Any] = field(default_factory=dict)
-    continue_final_message: bool | None = None
-    tools: list[Any] | None = None
-    documents: list[Any] | None = None
-    num_return_sequences: int = 1
-    top_logprobs: int | None = None
-    seed: int | None = None
-
-    @property
-    def return_full_text(self) -> bool:
-        return self.return_type == "full_text"
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One input tokenized: its ids, and what the result is built on (the text or the messages)."""
-
-    ids: list[int]
-    messages: list[dict[str, Any]] | None = None
-
-
-class TextGenerationTask(TokenizingTask):
+class TextGenerationTask(WholeSequenceGeneration, TokenizingTask):
     name = "text-generation"
     kind = "generation"
     model_class = "AutoModelForCausalLM"
@@ -181,7 +123,7 @@ class TextGenerationTask(TokenizingTask):
             request["stop_strings"] = list(stop_strings)
         generate, resolved = self._resolve(request, prefix_length)
         check_combinations(resolved)
-        whole = _needs_whole_sequence(resolved)
+        whole = needs_whole_sequence(resolved)
         return_type = self._return_type(own)
         top_logprobs = None
         if own.get("logprobs"):
@@ -200,16 +142,16 @@ class TextGenerationTask(TokenizingTask):
             stop_strings=stop_strings,
             stop_sequences=check_stop_sequences(own.get("stop_sequences")),
             return_type=return_type,
-            clean_up_tokenization_spaces=_optional_bool(own, "clean_up_tokenization_spaces"),
-            skip_special_tokens=_optional_bool(own, "skip_special_tokens") is not False and not self.response_template,
+            clean_up_tokenization_spaces=optional_bool(own, "clean_up_tokenization_spaces"),
+            skip_special_tokens=optional_bool(own, "skip_special_tokens") is not False and not self.response_template,
             prefix=prefix,
             prefix_length=prefix_length,
-            handle_long_generation=_long_generation(own.get("handle_long_generation")),
+            handle_long_generation=long_generation(own.get("handle_long_generation")),
             tokenizer_kwargs=self._tokenizer_kwargs(own),
             encode_kwargs=self._encode_kwargs(own.get("tokenizer_encode_kwargs")),
-            continue_final_message=_optional_bool(own, "continue_final_message"),
-            tools=_json_list(own, "tools"),
-            documents=_json_list(own, "documents"),
+            continue_final_message=optional_bool(own, "continue_final_message"),
+            tools=json_list(own, "tools"),
+            documents=json_list(own, "documents"),
             num_return_sequences=resolved.get("num_return_sequences") or 1,
             top_logprobs=top_logprobs,
             seed=seed,
@@ -224,7 +166,7 @@ class TextGenerationTask(TokenizingTask):
         added = {k: v for k, v in self.pipeline_defaults.items()
                  if k not in set_params and not (k == "max_new_tokens" and "max_length" in set_params)}
         if not {**set_params, **added}.get("do_sample"):
-            added = {k: v for k, v in added.items() if k not in _SAMPLING_ONLY}
+            added = {k: v for k, v in added.items() if k not in SAMPLING_ONLY}
         generate = {**request, **added}
         if prefix_length:  # a total length has to count the prefix too (TextGenerationPipeline._forward)
             for length, new_tokens in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
@@ -298,10 +240,10 @@ class TextGenerationTask(TokenizingTask):
         if own.get("add_special_tokens") is not None:
             kwargs["add_special_tokens"] = check_bool("add_special_tokens", own["add_special_tokens"])
         if own.get("truncation") is not None:
-            kwargs["truncation"] = _one_of("truncation", own["truncation"], _TRUNCATIONS)
+            kwargs["truncation"] = one_of("truncation", own["truncation"], TRUNCATIONS)
         if own.get("padding") is not None:
             # One prompt pads to itself; padding to max_length would put pads in a prompt, which runs unpadded.
-            kwargs["padding"] = _one_of("padding", own["padding"], _PADDINGS)
+            kwargs["padding"] = one_of("padding", own["padding"], PADDINGS)
         if own.get("max_length") is not None:
             kwargs["max_length"] = own["max_length"]
         return kwargs
@@ -334,11 +276,11 @@ class TextGenerationTask(TokenizingTask):
         conversation; the prefix, truncation and "hole" for a prompt)."""
         tokenizer_kwargs = dict(options.tokenizer_kwargs)
         if isinstance(item, str):
-            encode = {k: v for k, v in options.encode_kwargs.items() if k in _ENCODE_KEYS}
-            unknown = sorted(set(options.encode_kwargs) - _ENCODE_KEYS)
+            encode = {k: v for k, v in options.encode_kwargs.items() if k in ENCODE_KEYS}
+            unknown = sorted(set(options.encode_kwargs) - ENCODE_KEYS)
             if unknown:
                 raise InvalidArgument(f"tokenizer_encode_kwargs.{unknown[0]}",
-                                      f"is not a tokenizer option for a prompt; allowed: {sorted(_ENCODE_KEYS)}")
+                                      f"is not a tokenizer option for a prompt; allowed: {sorted(ENCODE_KEYS)}")
             ids = list(self.tokenizer(options.prefix + item, **{**tokenizer_kwargs, **encode})["input_ids"])
             messages = None
         else:
@@ -487,122 +429,3 @@ class TextGenerationTask(TokenizingTask):
             return outcome.text
         return self.tokenizer.decode(outcome.token_ids, skip_special_tokens=options.skip_special_tokens,
                                      clean_up_tokenization_spaces=options.clean_up_tokenization_spaces)
-
-    # -- whole sequences (the worker thread, through the model's dynamic batcher) -------------------
-
-    def run_batch(self, instance: Instance, inputs: Sequence[Any], params: Sequence[TaskParams]) -> list[Any]:
-        """Whole-sequence generation: per input, its sequences' outcomes (or the error that fails it)."""
-        results: list[Any] = []
-        for item, p in zip(inputs, params):
-            try:
-                results.append(self.generate_whole(instance, item, p.post))
-            except PipeserveError as exc:
-                results.append(exc)
-        return results
-
-    def generate_whole(self, instance: Instance, item: Any, options: GenerationOptions) -> list[SequenceOutcome]:
-        """One input through `Instance.generate`, as the pipeline runs it (alone, batch size 1)."""
-        if not instance.supports_generate:
-            raise Unimplemented(f"model {self.settings.name}'s backend has no whole-sequence generate(), which "
-                                "num_beams > 1 and the parameters the engine lacks need")
-        ids = self._check_prompt(self.prompt(item, options).ids, "input")
-        kwargs = self._generate_kwargs(options, len(ids))
-        features = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-        # Tensors go with the inputs, which the backend puts on the instance's device.
-        features.update({k: kwargs.pop(k) for k in list(kwargs) if isinstance(kwargs[k], torch.Tensor)})
-        try:
-            if not options.resolved.get("do_sample"):
-                output = instance.generate(features, **kwargs)
-            else:
-                with DEFAULT_GENERATOR:
-                    if options.seed is not None:
-                        torch.manual_seed(options.seed)
-                    output = instance.generate(features, **kwargs)
-        except ValueError as exc:  # generate() refusing the parameters (its own validation)
-            raise InvalidArgument("parameters", f"generate() refused them: {exc}") from None
-        eos = set(options.eos_token_ids)
-        outcomes = []
-        for row in output.tolist():
-            new = row[len(ids):]
-            text = self.tokenizer.decode(new, skip_special_tokens=options.skip_special_tokens,
-                                         clean_up_tokenization_spaces=options.clean_up_tokenization_spaces)
-            ended = next((i for i, t in enumerate(new) if t in eos), None)
-            if ended is not None:
-                new = new[: ended + 1]  # what follows an end-of-sequence token is padding
-                reason = FinishReason.EOS
-            elif any(s in text for s in (*options.stop_strings, *options.stop_sequences)):
-                reason = FinishReason.STOP_SEQUENCE
-            else:
-                reason = FinishReason.LENGTH
-            if reason is FinishReason.STOP_SEQUENCE and options.stop_sequences:
-                cut = min((text.find(s) + len(s) for s in options.stop_sequences if s in text), default=len(text))
-                text = text[:cut]
-            outcomes.append(SequenceOutcome(new, text, [], reason, len(ids), len(new), 0.0))
-        return outcomes
-
-    def _generate_kwargs(self, options: GenerationOptions, prompt_length: int) -> dict[str, Any]:
-        kwargs = dict(options.generate)
-        # New tokens as generate() counts them from max_length or max_new_tokens, held to the server's
-        # limit as the engine holds them (a model default past it).
-        max_new = self._lengths(prompt_length, options)[0]
-        kwargs.pop("max_new_tokens", None)
-        kwargs.pop("max_length", None)
-        if "max_new_tokens" in self.model_params:  # 5.x would count it over an explicit max_length
-            kwargs["max_new_tokens"] = max_new
-        else:
-            kwargs["max_length"] = prompt_length + max_new
-        if options.stop_strings or options.stop_sequences:
-            kwargs["stop_strings"] = [*options.stop_strings, *options.stop_sequences]
-        return generate_objects(kwargs, self.tokenizer)
-
-
-def _one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> Any:
-    if isinstance(value, (bool, str)) and value in allowed:
-        return value
-    raise InvalidArgument(name, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
-def _optional_bool(own: dict[str, Any], name: str) -> bool | None:
-    value = own.get(name)
-    return None if value is None else check_bool(name, value)
-
-
-def _long_generation(value: Any) -> str | None:
-    if value is None or value == "hole":
-        return value
-    raise InvalidArgument("handle_long_generation", f"must be \"hole\" (or unset), got {value!r}")
-
-
-def _json_list(own: dict[str, Any], name: str) -> list[Any] | None:
-    value = own.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, dict) for v in value):
-        raise InvalidArgument(name, f"must be a list of objects (JSON schemas for tools, documents with title and "
-                              f"text), got {value!r}")
-    return list(value)
-
-
-# A served parameter outside ENGINE_PARAMETERS with one of these values changes nothing.
-_INERT: dict[str, tuple[Any, ...]] = {
-    "num_beams": (1,),
-    "guidance_scale": (1, 1.0),
-    "renormalize_logits": (False,),
-    "remove_invalid_values": (False,),
-    "token_healing": (False,),
-    "encoder_repetition_penalty": (1, 1.0),
-    "encoder_no_repeat_ngram_size": (0,),
-}
-# Served parameters that do nothing on their own (prompt lookup's n-gram size, guidance's negative prompt).
-_DEPENDENT = frozenset({"max_matching_ngram_size", "negative_prompt_ids", "negative_prompt_attention_mask"})
-
-
-def _needs_whole_sequence(resolved: dict[str, Any]) -> bool:
-    """Whether the resolved parameters ask for something the engine's chooser lacks."""
-    for key, value in resolved.items():
-        if key not in GENERATE_PARAMETERS or key in ENGINE_PARAMETERS or key in _DEPENDENT or value is None:
-            continue
-        if value in _INERT.get(key, ()):
-            continue
-        return True
-    return False

@@ -20,8 +20,8 @@ from typing import Any
 
 from pipeserve.server.adapters.http.openai_errors import FieldNames
 from pipeserve.server.errors import InvalidArgument
-from pipeserve.server.tasks.generation_params import SEED_MAX
-from pipeserve.server.tasks.text_generation import MAX_RETURN_SEQUENCES, MAX_TOP_LOGPROBS
+from pipeserve.server.tasks.generation_checks import SEED_MAX
+from pipeserve.server.tasks.text_generation_options import MAX_RETURN_SEQUENCES, MAX_TOP_LOGPROBS
 
 _NO_PENALTY = ("is not supported: the engine has no additive penalties; repetition_penalty (transformers' "
                "multiplicative one, > 1 discourages repeats) is available as an extra parameter; send 0 or leave it out")
