@@ -26,7 +26,7 @@ from pipeserve.server.control_plane import ModelDescription
 from pipeserve.server.errors import InvalidArgument
 
 
-def _json_value(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     """What json.dumps cannot write itself: arrays and tensors as nested lists, numpy scalars as numbers."""
     if hasattr(value, "tolist"):
         return value.tolist()
@@ -67,7 +67,7 @@ class GenericCodec(TaskCodec):
 
     def encode(self, results, params):
         docs = np.empty(len(results), dtype=object)
-        docs[:] = [json.dumps(r, default=_json_value).encode("utf-8") for r in results]
+        docs[:] = [json.dumps(r, default=json_value).encode("utf-8") for r in results]
         return {"JSON": docs}
 
 

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from pipeserve.server.adapters.http.errors import endpoint, json_body, json_object, unless_disconnected
+from pipeserve.server.adapters.kserve_codecs import json_value
 from pipeserve.server.control_plane import ControlPlane
 from pipeserve.server.dataplane import DataPlane
 from pipeserve.server.errors import InvalidArgument, ModelNotFound
@@ -309,18 +310,9 @@ def shape_for(task_name: str) -> tuple[str, PipelineShape]:
     return canonical, shape
 
 
-def _json_value(value: Any) -> Any:
-    """numpy scalars and arrays in results as JSON numbers and lists."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return str(value)
-
-
 class PipelineResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=False, separators=(",", ":"), default=_json_value).encode("utf-8")
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":"), default=json_value).encode("utf-8")
 
 
 class Pipelines:
