@@ -31,7 +31,7 @@ def message_parameters(message: Any, field: str = "parameters") -> dict[str, Any
         value = getattr(message, name)
         if descriptor.message_type is not None and descriptor.message_type.full_name.startswith("google.protobuf."):
             if message.HasField(name):
-                params[name] = plain_json(json_format.MessageToDict(value))
+                params[name] = _json_of(value, f"{field}.{name}")
         elif _is_repeated(descriptor):
             if len(value):
                 params[name] = [list(item.ids) for item in value] if descriptor.message_type is not None else \
@@ -39,16 +39,25 @@ def message_parameters(message: Any, field: str = "parameters") -> dict[str, Any
         elif message.HasField(name):
             params[name] = _float32(value) if descriptor.type == FieldDescriptor.TYPE_FLOAT else value
     if "extra" in message.DESCRIPTOR.fields_by_name and message.HasField("extra"):
-        for key, value in plain_json(json_format.MessageToDict(message.extra)).items():
+        for key, value in _json_of(message.extra, f"{field}.extra").items():
             if key in params:
                 raise InvalidArgument(f"{field}.extra.{key}", f"is also set in {field}.{key}; set it once")
             params[key] = value
     return params
 
 
-def struct_value(value: Any) -> Any:
+def struct_value(value: Any, field: str = "parameters") -> Any:
     """A Struct / ListValue / Value message as plain JSON values (whole numbers as ints)."""
-    return plain_json(json_format.MessageToDict(value))
+    return _json_of(value, field)
+
+
+def _json_of(value: Any, field: str) -> Any:
+    """A google.protobuf JSON message's values; what JSON cannot hold (NaN, infinities) is the
+    sender's mistake, named."""
+    try:
+        return plain_json(json_format.MessageToDict(value))
+    except ValueError as exc:
+        raise InvalidArgument(field, f"holds a value JSON cannot carry ({exc}); send finite numbers") from None
 
 
 def plain_json(value: Any) -> Any:

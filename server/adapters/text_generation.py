@@ -42,8 +42,9 @@ def conversation(message: pb.Conversation, field: str) -> list[dict[str, Any]]:
     """A Conversation as transformers' messages: {"role", "content", ...its other fields}."""
     if not message.messages:
         raise InvalidArgument(field, "has no messages")
-    return [{"role": m.role, "content": m.content, **(struct_value(m.fields) if m.HasField("fields") else {})}
-            for m in message.messages]
+    return [{"role": m.role, "content": m.content,
+             **(struct_value(m.fields, f"{field}.messages[{i}].fields") if m.HasField("fields") else {})}
+            for i, m in enumerate(message.messages)]
 
 
 def chat_message(message: dict[str, Any]) -> pb.ChatMessage:
