@@ -153,21 +153,26 @@ CHAT_FIELDS = frozenset({*_COMMON, "messages", "max_completion_tokens", "logprob
 EXTRAS = ("top_k", "repetition_penalty")
 
 
+def _texts(body: Mapping[str, Any], field: str, noun: str) -> tuple[list[str], bool]:
+    """The texts of a `prompt` or `input` field (a string or a list of strings), and whether it was
+    a list (the answer then indexes its choices by it). Token ids are refused: the server tokenizes."""
+    given = body.get(field)
+    if isinstance(given, str):
+        return [given], False
+    if isinstance(given, list) and all(isinstance(t, str) for t in given):
+        return list(given), True
+    if isinstance(given, list) and all(_integer(t) or isinstance(t, list) for t in given):
+        raise InvalidArgument(field, f"token id {noun} are not supported; send the text (the server tokenizes it "
+                                     "with the model's own tokenizer)")
+    if given is None:
+        raise InvalidArgument(field, "is required: a string or a list of strings")
+    raise InvalidArgument(field, f"must be a string or a list of strings, got {type(given).__name__}")
+
+
 def completion_request(body: Mapping[str, Any]) -> GenerationRequest:
     """POST /v1/completions."""
     _check_fields(body, COMPLETION_FIELDS, COMPLETION_REFUSED)
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompts, indexed = [prompt], False
-    elif isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-        prompts, indexed = list(prompt), True
-    elif isinstance(prompt, list) and all(_integer(t) or isinstance(t, list) for t in prompt):
-        raise InvalidArgument("prompt", "token id prompts are not supported; send the text (the server tokenizes "
-                                        "it with the model's own tokenizer)")
-    elif prompt is None:
-        raise InvalidArgument("prompt", "is required: a string or a list of strings")
-    else:
-        raise InvalidArgument("prompt", f"must be a string or a list of strings, got {type(prompt).__name__}")
+    prompts, indexed = _texts(body, "prompt", "prompts")
     logprobs = body.get("logprobs")
     if logprobs is not None and not _integer(logprobs):
         raise InvalidArgument("logprobs", f"must be an integer (alternatives per token, 0 to {MAX_TOP_LOGPROBS}), "
@@ -317,18 +322,7 @@ ENCODINGS = ("float", "base64")
 def embedding_request(body: Mapping[str, Any]) -> EmbeddingRequest:
     """POST /v1/embeddings."""
     _check_fields(body, EMBEDDING_FIELDS, {})
-    given = body.get("input")
-    if isinstance(given, str):
-        inputs, indexed = [given], False
-    elif isinstance(given, list) and all(isinstance(t, str) for t in given):
-        inputs, indexed = list(given), True
-    elif isinstance(given, list) and all(_integer(t) or isinstance(t, list) for t in given):
-        raise InvalidArgument("input", "token id inputs are not supported; send the text (the server tokenizes it "
-                                       "with the model's own tokenizer)")
-    elif given is None:
-        raise InvalidArgument("input", "is required: a string or a list of strings")
-    else:
-        raise InvalidArgument("input", f"must be a string or a list of strings, got {type(given).__name__}")
+    inputs, indexed = _texts(body, "input", "inputs")
     encoding = body.get("encoding_format")
     encoding = "float" if encoding is None else encoding
     if encoding not in ENCODINGS:
