@@ -12,11 +12,12 @@ which writes a dist-info into a folder that then goes on sys.path.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from pipeserve.backends.base import Instance, ModelSpec
+from pipeserve.backends.base import DecoderState, Instance, ModelSpec
 from pipeserve.backends.eager import EagerBackend
 
 NAME = "gated"
@@ -33,9 +34,14 @@ class Gate:
         self._changed = threading.Condition()
         # input_ids shape of each batch, in the order the batches reached the model.
         self.shapes: list[tuple[int, ...]] = []
+        # Batches (or generation steps) that still pass a closed gate.
+        self._passes = 0
 
-    def close(self) -> None:
-        self._open.clear()
+    def close(self, after: int = 0) -> None:
+        """Closes the gate; the next `after` batches still pass (a generation step is a batch)."""
+        with self._changed:
+            self._passes = after
+            self._open.clear()
 
     def open(self) -> None:
         self._open.set()
@@ -44,6 +50,9 @@ class Gate:
         with self._changed:
             self.shapes.append(shape)
             self._changed.notify_all()
+            if self._passes and not self._open.is_set():
+                self._passes -= 1
+                return
         if not self._open.wait(GATE_TIMEOUT_S):
             raise RuntimeError("the test never opened the gate")
 
@@ -83,6 +92,39 @@ class GatedInstance(Instance):
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.gate.arrive(tuple(inputs["input_ids"].shape))
         return self.inner.run(inputs)
+
+    # Generation: the engine's joint steps pass the gate too (shape: rows, new tokens); the
+    # rest is the eager instance's.
+    def step(self, state: DecoderState | None, tokens: torch.Tensor,
+             prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
+        self.gate.arrive((len(tokens) + len(prompts),))
+        return self.inner.step(state, tokens, prompts)
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
+        self.gate.arrive((len(prompts),))
+        return self.inner.prefill(prompts)
+
+    def decode(self, state: DecoderState, tokens: torch.Tensor) -> torch.Tensor:
+        self.gate.arrive((len(tokens),))
+        return self.inner.decode(state, tokens)
+
+    @property
+    def supports_decoding(self) -> bool:
+        return self.inner.supports_decoding
+
+    @property
+    def supports_joint_steps(self) -> bool:
+        return self.inner.supports_joint_steps
+
+    @property
+    def decoding_unsupported(self) -> str:
+        return getattr(self.inner, "decoding_unsupported", "")
+
+    def warm_up(self) -> None:
+        self.inner.warm_up()
+
+    def ready(self) -> bool:
+        return self.inner.ready()
 
     def close(self) -> None:
         self.inner.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sys
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ import openai
 import pytest
 from pipeserve.client import pipeline
 
+from tests import gated_backend
 from tests.conftest import server_settings
 from tests.generation_helpers import PROMPTS, Reference, wait_until
 from tests.model_folders import add_model
@@ -25,27 +27,34 @@ MODEL = "gpt2"
 CHAT_MODEL = "gpt2-chat"
 # One row and one waiting place: a third sequence is refused (429).
 NARROW_MODEL = "gpt2-narrow"
+# gpt2 behind the test gate (tests/gated_backend.py): the test decides when its steps run.
+GATED_MODEL = "gpt2-gated"
 EMBEDDER = "minilm"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture(scope="module")
 def repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default gpt2, gpt2-chat (a chat template) and minilm, and gpt2 with one row."""
+    """The default gpt2, gpt2-chat (a chat template) and minilm, gpt2 with one row, and gpt2 gated."""
     repo = tmp_path_factory.mktemp("openai-repo")
     for name in (MODEL, CHAT_MODEL, EMBEDDER):
         folder = add_model(repo, name, name)
         (folder / "config.pbtxt").write_text((model_repository / name / "config.pbtxt").read_text())
     add_model(repo, NARROW_MODEL, MODEL, task="text-generation",
               extra="generation { max_concurrent_sequences: 1 }\ndynamic_batching { max_queue_size: 1 }")
+    gated = add_model(repo, GATED_MODEL, MODEL, task="text-generation")
+    (gated / "config.pbtxt").write_text((gated / "config.pbtxt").read_text().replace('"eager"', '"gated"'))
     return repo
 
 
 @pytest.fixture(scope="module")
-def server(repository: Path):
+def server(repository: Path, tmp_path_factory: pytest.TempPathFactory):
+    plugins = gated_backend.install_plugin(tmp_path_factory.mktemp("plugins"))
+    sys.path.insert(0, str(plugins))
     running = ServerThread(server_settings(repository, http_port=0, auth_token=TOKEN)).start()
     yield running
     running.stop()
+    sys.path.remove(str(plugins))
 
 
 @pytest.fixture(scope="module")
@@ -378,25 +387,51 @@ async def test_a_full_queue_is_429(server, aclient):
 # -- streams that end early ------------------------------------------------------------------------------------
 
 
+def generated_tokens(server: ServerThread, model: str) -> int:
+    return server.call(lambda: sum(v.stats.generated_tokens for v in server.server.control.statistics(model)))
+
+
+def engine_sequences(server: ServerThread, model: str) -> int:
+    """The engine's own count now (the statistics take it at the engine's next step)."""
+    return server.call(lambda: server.server.registry.get(model).runtime.engine.active_sequences)
+
+
 async def test_a_client_that_goes_away_mid_stream_cancels_its_sequence(server, aclient, http):
-    stream = await aclient.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=500, temperature=0,
-                                              stream=True)
-    chunks = aiter(stream)
-    await anext(chunks)
-    await anext(chunks)
-    # (The count is the engine's, updated at its next step: wait for it, briefly.)
-    await asyncio.to_thread(wait_until, lambda: active_sequences(server) == 1, 2.0, "the sequence running")
-    await stream.close()
-    await asyncio.to_thread(wait_until, lambda: active_sequences(server) == 0, what="the sequence cancelled")
-    await asyncio.to_thread(wait_until, lambda: calls_in_flight(server) == 0, what="the call left the drain gate")
+    # The gated model's steps wait at the test's gate, so that a sequence is still running when its
+    # client goes away however fast the machine decodes: the steps that make the events the
+    # client reads pass, the next one waits until the client has gone.
+    gate = gated_backend.gate(GATED_MODEL)
+    before = generated_tokens(server, GATED_MODEL)
+    gate.close(after=2)  # the prompt's step and one decode step
+    try:
+        stream = await aclient.completions.create(model=GATED_MODEL, prompt=PROMPTS[2], max_tokens=500,
+                                                  temperature=0, stream=True)
+        chunks = aiter(stream)
+        await anext(chunks)
+        await anext(chunks)
+        await asyncio.to_thread(wait_until, lambda: engine_sequences(server, GATED_MODEL) == 1, 5.0, "the sequence held")
+        await stream.close()
+        # The close reaches the engine as a cancellation; the step held at the gate then drops it.
+        await asyncio.to_thread(wait_until, lambda: calls_in_flight(server) == 0, what="the call left the drain gate")
+    finally:
+        gate.open()
+    await asyncio.to_thread(wait_until, lambda: engine_sequences(server, GATED_MODEL) == 0, what="the sequence cancelled")
+    assert generated_tokens(server, GATED_MODEL) - before < 10
     # The same with several choices of a raw stream, closed after its first event.
-    with http.stream("POST", "/completions", json={"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 500,
-                                                   "n": 3, "temperature": 1.0, "stream": True}) as raw:
-        first = next(raw.iter_lines())
-        assert json.loads(first.removeprefix("data: "))["choices"]
-        wait_until(lambda: active_sequences(server) == 3, 2.0, "the three sequences running")
-    await asyncio.to_thread(wait_until, lambda: active_sequences(server) == 0, what="the three sequences cancelled")
-    await asyncio.to_thread(wait_until, lambda: calls_in_flight(server) == 0, what="the call left the drain gate")
+    before = generated_tokens(server, GATED_MODEL)
+    gate.close(after=1)  # the three prompts' step: each choice's first token
+    try:
+        with http.stream("POST", "/completions", json={"model": GATED_MODEL, "prompt": PROMPTS[2], "max_tokens": 500,
+                                                       "n": 3, "temperature": 1.0, "stream": True}) as raw:
+            first = next(raw.iter_lines())
+            assert json.loads(first.removeprefix("data: "))["choices"]
+            wait_until(lambda: engine_sequences(server, GATED_MODEL) == 3, 5.0, "the three sequences held")
+        await asyncio.to_thread(wait_until, lambda: calls_in_flight(server) == 0, what="the call left the drain gate")
+    finally:
+        gate.open()
+    await asyncio.to_thread(wait_until, lambda: engine_sequences(server, GATED_MODEL) == 0,
+                            what="the three sequences cancelled")
+    assert generated_tokens(server, GATED_MODEL) - before < 3 * 10
 
 
 def test_while_draining_new_calls_get_503_and_a_stream_in_flight_finishes(repository):
