@@ -21,6 +21,7 @@ from pipeserve.server.scheduling.instances import (
     InstancePool,
     ModelInstance,
     cpu_threads_per_instance,
+    lone_instance_threads,
     plan_devices,
 )
 from pipeserve.server.scheduling.stats import ModelStats
@@ -100,8 +101,10 @@ class ServedModel:
             output_names=task_cls.output_names,
         )
         devices = backend.devices(plan_devices(settings.instance_groups))
-        threads = cpu_threads_per_instance(sum(1 for d in devices if d.type == "cpu"),
-                                           requested=settings.backend_parameters.get(INTRA_OP_THREADS, ""))
+        cpu_instances = sum(1 for d in devices if d.type == "cpu")
+        requested_threads = settings.backend_parameters.get(INTRA_OP_THREADS, "")
+        threads = cpu_threads_per_instance(cpu_instances, requested=requested_threads)
+        lone_threads = lone_instance_threads(cpu_instances, threads, requested_threads)
         instances = []
         try:
             for index, device in enumerate(devices):
@@ -112,7 +115,8 @@ class ServedModel:
             for inst in instances:
                 inst.close()
             raise
-        return cls(settings, source, task, InstancePool(instances), load_instance=lambda device: backend.load(spec, device))
+        return cls(settings, source, task, InstancePool(instances, lone_threads=lone_threads),
+                   load_instance=lambda device: backend.load(spec, device))
 
     async def submit(self, inputs: Sequence[Any], params: TaskParams, deadline: float | None = None,
                      priority: int = 0) -> list[Any]:

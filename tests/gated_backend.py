@@ -34,6 +34,8 @@ class Gate:
         self._changed = threading.Condition()
         # input_ids shape of each batch, in the order the batches reached the model.
         self.shapes: list[tuple[int, ...]] = []
+        # torch's intra-op threads in the worker thread as each batch arrived.
+        self.threads: list[int] = []
         # Batches (or generation steps) that still pass a closed gate.
         self._passes = 0
 
@@ -49,6 +51,7 @@ class Gate:
     def arrive(self, shape: tuple[int, ...]) -> None:
         with self._changed:
             self.shapes.append(shape)
+            self.threads.append(torch.get_num_threads())
             self._changed.notify_all()
             if self._passes and not self._open.is_set():
                 self._passes -= 1

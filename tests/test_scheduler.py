@@ -22,7 +22,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pipeserve.server.scheduling.cost import BatchCostModel
-from pipeserve.server.scheduling.instances import cpu_threads_per_instance, plan_devices
+from pipeserve.server.scheduling.instances import (
+    available_cores,
+    cpu_threads_per_instance,
+    lone_instance_threads,
+    plan_devices,
+)
 from pipeserve.server.repository.model_settings import InstanceGroupSettings
 from pipeserve.v1 import model_service_pb2 as ms
 from pipeserve.v1 import model_service_pb2_grpc as ms_grpc
@@ -394,6 +399,36 @@ def test_instances_split_the_cores_and_work_goes_to_the_idle_one(sched: ServerTh
             third = stub.Classify.future(request("gated-instances", text(4)), timeout=60)
             wait_until(lambda: statistics(sched.target, "gated-instances").queued == 1, what="the third to queue")
         assert second.result().results and third.result().results
+
+
+def test_a_lone_batch_takes_the_idle_instances_cores_and_its_results_do_not_change(sched: ServerThread) -> None:
+    if available_cores() < 2:
+        pytest.skip("one core: no idle instance has cores to lend")
+    gate = gated_backend.gate("gated-instances")
+    share = cpu_threads_per_instance(2)
+    with grpc.insecure_channel(sched.target) as channel:
+        stub = classify_stub(channel)
+        seen = len(gate.threads)
+        alone = stub.Classify(request("gated-instances", text(6)), timeout=60)
+        # Nothing else ran: the batch took both instances' shares.
+        assert gate.threads[seen] == min(available_cores(), 2 * share) > share
+        with Held(sched.target, "gated-instances") as held:
+            shared = stub.Classify.future(request("gated-instances", text(6)), timeout=60)
+            held.gate.wait_for_batches(held.start + 2)
+            # The holding batch ran alone (all the cores); this one shares the cores with it.
+            assert gate.threads[held.start:held.start + 2] == [2 * share, share]
+        shared_result = shared.result()
+    assert [[ls.label for ls in r.labels] for r in alone.results] == \
+        [[ls.label for ls in r.labels] for r in shared_result.results]
+    for lone_scores, shared_scores in zip(scores(alone), scores(shared_result)):
+        assert lone_scores == pytest.approx(shared_scores, abs=1e-6)
+
+
+def test_only_a_split_the_server_chose_lends_cores() -> None:
+    assert lone_instance_threads(2, 1, cores=2) == 2
+    assert lone_instance_threads(3, 2, cores=4) == 4  # never more than the cores
+    assert lone_instance_threads(1, 2, cores=2) == 0  # one instance has every core already
+    assert lone_instance_threads(2, 1, requested="1", cores=2) == 0  # the config fixed the count
 
 
 def test_instance_groups_expand_to_count_times_devices() -> None:

@@ -306,6 +306,7 @@ class DynamicBatcher:
     # -- running a batch ----------------------------------------------------------------------
 
     def _dispatch(self, instance: ModelInstance, batch: list[WorkItem]) -> None:
+        threads = self.group.threads_for(instance)  # before this batch counts as the instance's work
         instance.outstanding += 1
         self._running_batches += 1
         stats = self.stats
@@ -321,15 +322,17 @@ class DynamicBatcher:
         assert self._loop is not None
         instance.worker.post(
             self._loop,
-            lambda: self._run_batch(instance, batch),
+            lambda: self._run_batch(instance, batch, threads),
             lambda outcome: self._finish(instance, batch, outcome),
         )
 
-    def _run_batch(self, instance: ModelInstance, batch: list[WorkItem]) -> tuple[list[Any], float, InstanceDead | None]:
+    def _run_batch(self, instance: ModelInstance, batch: list[WorkItem],
+                   threads: int) -> tuple[list[Any], float, InstanceDead | None]:
         """In the instance's worker thread: the task's whole batch step, timed."""
         started = time.perf_counter()
         died = None
         try:
+            instance.use_threads(threads)
             results = self.execute(instance, batch)
             if len(results) != len(batch):
                 raise RuntimeError(f"the task returned {len(results)} results for {len(batch)} inputs")

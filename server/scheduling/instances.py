@@ -4,6 +4,10 @@ An instance group in config.pbtxt is count x kind x device ids; `plan_devices` e
 device per instance. CPU instances share the cores between them (each worker thread sets its own
 torch intra-op thread count, which torch and OpenMP keep per calling thread); GPU instances run on
 their own CUDA stream (the backend's instance owns it) with their device made current in the worker.
+
+A CPU instance that runs while its model's other CPU instances are idle takes all their cores for
+that batch (`InstancePool.threads_for`): a lone request on a compute-bound model then runs as fast
+as an in-process call that uses every core, and under load each instance keeps its own share.
 """
 
 from __future__ import annotations
@@ -59,6 +63,15 @@ def available_cores() -> int:
 # backend_parameters key that sets each CPU instance's intra-op threads (Triton's PyTorch backend
 # has the same knob); without it the cores are split evenly among the model's CPU instances.
 INTRA_OP_THREADS = "intra_op_threads"
+
+
+def lone_instance_threads(cpu_instances: int, threads: int, requested: str = "", cores: int | None = None) -> int:
+    """The threads one CPU instance may take while the others idle: all of their shares (at most
+    the cores), unless the config fixed each instance's count (then 0: never more than that)."""
+    if requested or cpu_instances < 2:
+        return 0
+    cores = available_cores() if cores is None else cores
+    return min(cores, threads * cpu_instances)
 
 
 def cpu_threads_per_instance(cpu_instances: int, cores: int | None = None, requested: str = "") -> int:
@@ -138,7 +151,9 @@ class ModelInstance:
     def __init__(self, index: int, backend_instance: Instance, threads: int):
         self.index = index
         self.backend_instance = backend_instance
+        # This instance's share of the cores; `_threads_now` is what its worker thread uses now.
         self.threads = threads
+        self._threads_now = threads
         self.state = "ready"
         # Batches handed to this instance and not finished yet.
         self.outstanding = 0
@@ -165,6 +180,14 @@ class ModelInstance:
     def device(self) -> torch.device:
         return self.backend_instance.device
 
+    def use_threads(self, threads: int) -> None:
+        """In the worker thread, before a batch: the intra-op threads the batch runs on. (This also
+        sets the count that threads started later begin with; ModelInstance and other components
+        set their own, so a worker's choice stays its own.)"""
+        if threads != self._threads_now:
+            torch.set_num_threads(threads)
+            self._threads_now = threads
+
     @property
     def executor(self) -> concurrent.futures.Executor:
         """Runs other work (a reload) on this instance's thread, between its batches."""
@@ -181,11 +204,24 @@ class ModelInstance:
 class InstancePool:
     """The instances of one model version; picks the ready instance with the least work."""
 
-    def __init__(self, instances: list[ModelInstance], max_outstanding: int = 1):
+    def __init__(self, instances: list[ModelInstance], max_outstanding: int = 1, lone_threads: int = 0):
         self.instances = instances
         # One batch per instance at a time: the next batch keeps filling while this one runs,
         # which is what makes batches large under load.
         self.max_outstanding = max_outstanding
+        # Threads a CPU instance takes while the model's other CPU instances are idle (0: always
+        # its own share, as when the config sets intra_op_threads).
+        self.lone_threads = lone_threads
+
+    def threads_for(self, instance: ModelInstance) -> int:
+        """The intra-op threads for the batch `instance` is about to run: every CPU instance's share
+        when the others have nothing to do (their cores would idle), else its own."""
+        if self.lone_threads <= instance.threads or instance.device.type != "cpu":
+            return instance.threads
+        for other in self.instances:
+            if other is not instance and other.outstanding and other.device.type == "cpu":
+                return instance.threads
+        return self.lone_threads
 
     def pick(self) -> ModelInstance | None:
         """The least busy ready instance with room for a batch, or None."""
