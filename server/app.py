@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pipeserve.server import listeners
+from pipeserve.server import heap, listeners
 from pipeserve.server.adapters import services
 from pipeserve.server.adapters.health import HealthReporter
 from pipeserve.server.adapters.http.app import build_http_app
@@ -53,8 +53,15 @@ class PipeserveServer:
         # The HTTP listener (settings.http_port; None with -1) and its bound port.
         self.http: HttpListener | None = None
         self.http_port: int | None = None
+        # Full collections skip what the loaded models hold (heap.py): settled after each change.
+        self.heap_settler = heap.HeapSettler()
+        self.registry.listeners.append(self._on_models_changed)
         self.ready = asyncio.Event()
         self._stopped = False
+
+    def _on_models_changed(self, _event: str, _served: object) -> None:
+        if self.registry.started:  # the start-up loads settle once, when they are all done
+            self.heap_settler.schedule()
 
     def _server_options(self) -> list[tuple[str, int]]:
         return [
@@ -101,6 +108,7 @@ class PipeserveServer:
         await self._start_http()
         log.info("listening on %s", ", ".join(self.addresses()))
         await self.registry.load_all(self.settings.load_models or None)
+        heap.settle()
         if self.poller is not None:
             await self.poller.start()
         await self.health.serving()
@@ -151,6 +159,7 @@ class PipeserveServer:
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.registry.close()
+        self.heap_settler.close()
         self.metrics.stop()
         log.info("stopped")
 
