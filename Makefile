@@ -55,8 +55,10 @@ test-fast: install
 test-gpu: install
 	$(PY) -m pytest -q -m gpu -p no:cacheprovider --override-ini addopts="" $(PYTEST_ARGS)
 
+# The Triton venv too, for bench.versus_triton (instant once built; skipped where Triton cannot run).
 bench: install
 	$(PIP) install "matplotlib>=3.8"
+	bash tests/prepare.d/triton.sh
 	$(PY) -m bench
 
 soak: install

@@ -272,10 +272,11 @@ def report(baseline: Load, loads: list[Load]) -> str:
     return "\n".join(lines)
 
 
-def plot(baseline: Load, loads: list[Load], path: Path) -> None:
+def plot(baseline: Load, loads: list[Load], path: Path) -> bool:
+    """Draws the figure; False where matplotlib is missing (the tables say it all the same)."""
     plt = pyplot()
     if plt is None:
-        return
+        return False
 
     xs = [load.concurrency for load in loads]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 8))
@@ -297,6 +298,7 @@ def plot(baseline: Load, loads: list[Load], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def main(concurrency: tuple[int, ...] = CONCURRENCY) -> tuple[Load, list[Load]]:
@@ -333,8 +335,10 @@ def main(concurrency: tuple[int, ...] = CONCURRENCY) -> tuple[Load, list[Load]]:
     (OUT / "generation.json").write_text(json.dumps(
         {"model": MODEL, "load_average": load_average(), "results": [x.as_dict() for x in [baseline, *loads]]},
         indent=2))
-    plot(baseline, loads, OUT / "generation.png")
-    print(f"\nwrote {OUT / 'generation.json'} and {OUT / 'generation.png'}")
+    wrote = [OUT / "generation.json"]
+    if plot(baseline, loads, OUT / "generation.png"):
+        wrote.append(OUT / "generation.png")
+    print(f"\nwrote {' and '.join(map(str, wrote))}")
     return baseline, loads
 
 
