@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import transformers
 from pipeserve.client import pipeline
 
 from tests import gated_backend
@@ -306,11 +307,15 @@ def grpc_embeddings(server: ServerThread, texts: list[str]) -> np.ndarray:
         return np.array(embed(texts, pooling="mean", normalize=True), dtype=np.float32)
 
 
-def test_embeddings_are_the_feature_extraction_vectors_as_floats_and_as_base64(client, http, server):
+def test_embeddings_are_the_feature_extraction_vectors_as_floats_and_as_base64(client, http, server, model_repository):
     texts = [PROMPTS[1], PROMPTS[3]]
     expected = grpc_embeddings(server, texts)
     as_floats = client.embeddings.create(model=EMBEDDER, input=texts, encoding_format="float")
     assert [d.index for d in as_floats.data] == [0, 1] and as_floats.model == EMBEDDER
+    # usage counts the tokens the model read, special tokens included, as the tokenizer makes them.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_repository / EMBEDDER)
+    tokens = sum(len(tokenizer(text)["input_ids"]) for text in texts)
+    assert (as_floats.usage.prompt_tokens, as_floats.usage.total_tokens) == (tokens, tokens)
     np.testing.assert_allclose(np.array([d.embedding for d in as_floats.data]), expected, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(expected, axis=1), 1.0, atol=1e-5)
     # The openai package asks for base64 by default and decodes it to floats itself.

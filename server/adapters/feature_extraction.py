@@ -21,4 +21,5 @@ class FeatureExtractionServicer(TaskServicer, pb_grpc.FeatureExtractionServiceSe
                   **tokenizer_parameters(request.tokenizer)}
         results, answered = await self.infer(request, list(request.inputs), params, context)
         return pb.EmbedResponse(
-            embeddings=[pb.Embedding(values=t.reshape(-1).tolist(), shape=list(t.shape)) for t in results], **answered)
+            embeddings=[pb.Embedding(values=r.vector.reshape(-1).tolist(), shape=list(r.vector.shape)) for r in results],
+            **answered)

@@ -133,7 +133,7 @@ class FeatureExtractionCodec(TaskCodec):
         return utf8_strings(tensors["TEXT"], "TEXT"), params
 
     def encode(self, results, params):
-        arrays = [np.asarray(r, dtype=np.float32) for r in results]
+        arrays = [np.asarray(r.vector, dtype=np.float32) for r in results]
         if arrays[0].ndim == 1:
             return {"EMBEDDING": np.stack(arrays)}
         longest = max(a.shape[0] for a in arrays)

@@ -25,6 +25,15 @@ class EmbeddingPost:
     normalize: bool
 
 
+@dataclass(frozen=True)
+class Embedding:
+    """One input's result: its token vectors [tokens, hidden] or pooled vector [hidden], and the
+    number of tokens it was (what an API's usage counts)."""
+
+    vector: torch.Tensor
+    tokens: int
+
+
 class FeatureExtractionTask(TokenizingTask):
     name = "feature-extraction"
     model_class = "AutoModel"
@@ -43,7 +52,7 @@ class FeatureExtractionTask(TokenizingTask):
     def preprocess(self, inputs: Sequence[str], pre: TokenizerOptions) -> Any:
         return tokenize(self, inputs, options=pre)
 
-    def postprocess(self, inputs, features, outputs, posts: Sequence[EmbeddingPost]) -> list[torch.Tensor]:
+    def postprocess(self, inputs, features, outputs, posts: Sequence[EmbeddingPost]) -> list[Embedding]:
         hidden = outputs["last_hidden_state"].float()
         mask = features["attention_mask"]
         results = []
@@ -60,5 +69,5 @@ class FeatureExtractionTask(TokenizingTask):
                 vector = tokens
             if post.normalize:
                 vector = torch.nn.functional.normalize(vector, p=2, dim=-1)
-            results.append(vector.contiguous())
+            results.append(Embedding(vector.contiguous(), tokens.shape[0]))
         return results

@@ -264,7 +264,7 @@ class OpenAIRoutes:
                                                      version=served.version)
         except InvalidArgument as exc:
             raise req.names.translate(exc) from None
-        floats = [np.asarray(v, dtype=np.float32).reshape(-1) for v in vectors]
+        floats = [np.asarray(v.vector, dtype=np.float32).reshape(-1) for v in vectors]
         size = len(floats[0])
         if req.dimensions is not None and req.dimensions != size:
             raise InvalidArgument("dimensions", f"must be {size} for {served.name} (its embedding size) or left out: "
@@ -274,8 +274,8 @@ class OpenAIRoutes:
             data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in floats]
         else:
             data = [v.tolist() for v in floats]
-        # The feature-extraction task reports no token counts: usage is 0 (see the README).
-        return JSONResponse(embeddings(served.name, data, {"prompt_tokens": 0, "total_tokens": 0}))
+        tokens = sum(v.tokens for v in vectors)  # each input's tokens, special tokens included
+        return JSONResponse(embeddings(served.name, data, {"prompt_tokens": tokens, "total_tokens": tokens}))
 
 
 def _reply(generated: Any) -> str:

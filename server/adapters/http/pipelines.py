@@ -241,7 +241,7 @@ class FeatureExtraction(PipelineShape):
 
     def shape(self, results, inputs, params):
         # Token-level features get transformers' batch axis of 1: [1, tokens, hidden].
-        outputs = [[r.tolist()] if r.ndim == 2 else r.tolist() for r in results]
+        outputs = [[r.vector.tolist()] if r.vector.ndim == 2 else r.vector.tolist() for r in results]
         return super().shape(outputs, inputs, params)
 
 
