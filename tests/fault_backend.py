@@ -23,13 +23,14 @@ import torch
 from pipeserve.backends.base import DecoderState, Instance, InstanceDead, ModelSpec
 from pipeserve.backends.eager import EagerBackend
 
+from tests.wrapped_instance import WrappedInstance
+
 NAME = "faulty"
 
 
-class FaultInjectingInstance(Instance):
+class FaultInjectingInstance(WrappedInstance):
     def __init__(self, inner: Instance, raise_on: int | None, die_on: int | None):
-        self.inner = inner
-        self.device = inner.device
+        super().__init__(inner)
         self.raise_on = raise_on
         self.die_on = die_on
         self.dead = False
@@ -52,34 +53,20 @@ class FaultInjectingInstance(Instance):
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self._check(inputs["input_ids"])
-        return self.inner.run(inputs)
+        return super().run(inputs)
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
         self._check(self._prompt_ids(prompts))
-        return self.inner.prefill(prompts)
+        return super().prefill(prompts)
 
     def decode(self, state: DecoderState, tokens: torch.Tensor) -> torch.Tensor:
         self._check(torch.zeros(0, dtype=torch.long))
-        return self.inner.decode(state, tokens)
+        return super().decode(state, tokens)
 
     def step(self, state: DecoderState | None, tokens: torch.Tensor,
              prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
         self._check(self._prompt_ids(prompts))
-        return self.inner.step(state, tokens, prompts)
-
-    @property
-    def supports_decoding(self) -> bool:
-        return self.inner.supports_decoding
-
-    @property
-    def supports_joint_steps(self) -> bool:
-        return self.inner.supports_joint_steps
-
-    def warm_up(self) -> None:
-        self.inner.warm_up()
-
-    def close(self) -> None:
-        self.inner.close()
+        return super().step(state, tokens, prompts)
 
 
 class FaultInjectingBackend(EagerBackend):

@@ -20,6 +20,8 @@ import torch
 from pipeserve.backends.base import DecoderState, Instance, ModelSpec
 from pipeserve.backends.eager import EagerBackend
 
+from tests.wrapped_instance import WrappedInstance
+
 NAME = "gated"
 # Longest a batch waits at a closed gate, so that a failing test cannot hang the suite.
 GATE_TIMEOUT_S = 60.0
@@ -86,51 +88,29 @@ def load_gate(model: str) -> threading.Event:
         return _load_gates[model]
 
 
-class GatedInstance(Instance):
+class GatedInstance(WrappedInstance):
+    """Batches, and the engine's generation steps (shape: the rows they run), wait at the gate."""
+
     def __init__(self, inner: Instance, gate: Gate):
-        self.inner = inner
-        self.device = inner.device
+        super().__init__(inner)
         self.gate = gate
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.gate.arrive(tuple(inputs["input_ids"].shape))
-        return self.inner.run(inputs)
+        return super().run(inputs)
 
-    # Generation: the engine's joint steps pass the gate too (shape: rows, new tokens); the
-    # rest is the eager instance's.
     def step(self, state: DecoderState | None, tokens: torch.Tensor,
              prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
         self.gate.arrive((len(tokens) + len(prompts),))
-        return self.inner.step(state, tokens, prompts)
+        return super().step(state, tokens, prompts)
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DecoderState]:
         self.gate.arrive((len(prompts),))
-        return self.inner.prefill(prompts)
+        return super().prefill(prompts)
 
     def decode(self, state: DecoderState, tokens: torch.Tensor) -> torch.Tensor:
         self.gate.arrive((len(tokens),))
-        return self.inner.decode(state, tokens)
-
-    @property
-    def supports_decoding(self) -> bool:
-        return self.inner.supports_decoding
-
-    @property
-    def supports_joint_steps(self) -> bool:
-        return self.inner.supports_joint_steps
-
-    @property
-    def decoding_unsupported(self) -> str:
-        return getattr(self.inner, "decoding_unsupported", "")
-
-    def warm_up(self) -> None:
-        self.inner.warm_up()
-
-    def ready(self) -> bool:
-        return self.inner.ready()
-
-    def close(self) -> None:
-        self.inner.close()
+        return super().decode(state, tokens)
 
 
 class GatedBackend(EagerBackend):
