@@ -19,11 +19,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
+# A load client of any kind: a gRPC stub, a tritonclient, an HTTP client.
+C = TypeVar("C")
 
 
 def free_port() -> int:
@@ -130,6 +133,36 @@ class Measurement:
                 "batch_sizes": self.batch_sizes}
 
 
+async def timed_calls(clients: Sequence[C], call: Callable[[C, int], Awaitable[object]], *,
+                      seconds: float, warmup: float) -> tuple[list[float], float]:
+    """Each of `clients` calls back to back (its n-th call: call(client, n)) for `seconds` after
+    `warmup`. Returns the latencies of the calls that ended in the window, and its length."""
+    concurrency = len(clients)
+    latencies: list[float] = []
+    measuring = False
+    stop = False
+
+    async def calling(index: int, client: C) -> None:
+        n = index
+        while not stop:
+            started = time.perf_counter()
+            await call(client, n)
+            if measuring:
+                latencies.append(time.perf_counter() - started)
+            n += concurrency
+
+    tasks = [asyncio.create_task(calling(i, c)) for i, c in enumerate(clients)]
+    await asyncio.sleep(warmup)
+    measuring = True
+    started = time.perf_counter()
+    await asyncio.sleep(seconds)
+    measuring = False
+    elapsed = time.perf_counter() - started
+    stop = True
+    await asyncio.gather(*tasks)
+    return latencies, elapsed
+
+
 async def closed_loop(
     target: str,
     concurrency: int,
@@ -145,39 +178,15 @@ async def closed_loop(
     after `warmup`; call(stub, n) makes a client's n-th call."""
     options = [("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(concurrency)]
-    latencies: list[float] = []
-    counted = 0
-    measuring = False
-    stop = False
-
-    async def client(index: int, channel: grpc.aio.Channel) -> None:
-        nonlocal counted
-        stub = make_stub(channel)
-        n = index
-        while not stop:
-            started = time.perf_counter()
-            await call(stub, n)
-            if measuring:
-                latencies.append(time.perf_counter() - started)
-                counted += 1
-            n += concurrency
-
     try:
         for channel in channels:
             await channel.channel_ready()
-        tasks = [asyncio.create_task(client(i, ch)) for i, ch in enumerate(channels)]
-        await asyncio.sleep(warmup)
-        measuring = True
-        started = time.perf_counter()
-        await asyncio.sleep(seconds)
-        measuring = False
-        elapsed = time.perf_counter() - started
-        stop = True
-        await asyncio.gather(*tasks)
+        latencies, elapsed = await timed_calls([make_stub(ch) for ch in channels], call,
+                                               seconds=seconds, warmup=warmup)
     finally:
         for channel in channels:
             await channel.close()
-    return Measurement(model, mode, concurrency, counted, elapsed, latencies)
+    return Measurement(model, mode, concurrency, len(latencies), elapsed, latencies)
 
 
 def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:

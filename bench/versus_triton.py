@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from bench.classification import MODELS_DIR, PLANS, Plan, build_models, make_texts
-from bench.harness import OUT, ROOT, BenchServer, Measurement, free_port, load_average, table
+from bench.harness import OUT, ROOT, BenchServer, Measurement, free_port, load_average, table, timed_calls
 
 SECONDS = float(os.environ.get("BENCH_VERSUS_SECONDS", "8"))
 # Warm-up before each point; unset, the model's own from bench/classification.py's PLANS (a few
@@ -200,30 +200,11 @@ async def closed_loop(target: str, model: str, inputs: list[list], concurrency: 
                       warmup: float) -> Measurement:
     """`concurrency` clients calling ModelInfer back to back, for SECONDS after `warmup`."""
     connected = clients(target, concurrency)
-    latencies: list[float] = []
-    measuring = stop = False
-
-    async def client(index: int, v2) -> None:
-        n = index
-        while not stop:
-            started = time.perf_counter()
-            await v2.infer(model, inputs[n % len(inputs)])
-            if measuring:
-                latencies.append(time.perf_counter() - started)
-            n += concurrency
-
     try:
         for v2 in connected:
             await v2.is_server_ready()  # connects
-        tasks = [asyncio.create_task(client(i, v2)) for i, v2 in enumerate(connected)]
-        await asyncio.sleep(warmup)
-        measuring = True
-        started = time.perf_counter()
-        await asyncio.sleep(SECONDS)
-        measuring = False
-        elapsed = time.perf_counter() - started
-        stop = True
-        await asyncio.gather(*tasks)
+        latencies, elapsed = await timed_calls(
+            connected, lambda v2, n: v2.infer(model, inputs[n % len(inputs)]), seconds=SECONDS, warmup=warmup)
     finally:
         for v2 in connected:
             await v2.close()
