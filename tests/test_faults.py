@@ -139,9 +139,9 @@ def test_a_dead_instance_fails_its_batch_unavailable_and_is_loaded_again(faulty)
 
 
 async def _generate_all(target: str, model: str, prompts: list[str], new_tokens: int,
-                        started: asyncio.Event | None = None) -> list[tuple[grpc.StatusCode, str, int]]:
-    """Streams every prompt at once (the first ones running before the last joins, once `started`
-    is set by their first token); (status, details, tokens received) per prompt."""
+                        last_joins_running: bool = False) -> list[tuple[grpc.StatusCode, str, int]]:
+    """Streams every prompt at once, or with `last_joins_running` the last one only once every other
+    has its first token (all of them running); (status, details, tokens received) per prompt."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = tg_grpc.TextGenerationServiceStub(channel)
 
@@ -156,11 +156,15 @@ async def _generate_all(target: str, model: str, prompts: list[str], new_tokens:
                         first.set()
             except grpc.aio.AioRpcError as error:
                 return error.code(), error.details(), tokens
+            finally:
+                if first is not None:
+                    first.set()  # a stream that ended without a token holds nobody up (its result tells)
             return grpc.StatusCode.OK, "", tokens
 
-        running = [asyncio.create_task(one(p, started)) for p in prompts[:-1]]
-        if started is not None:
-            await started.wait()
+        firsts = [asyncio.Event() for _ in prompts[:-1]]
+        running = [asyncio.create_task(one(p, first)) for p, first in zip(prompts[:-1], firsts)]
+        if last_joins_running:
+            await asyncio.gather(*(first.wait() for first in firsts))
         return [*await asyncio.gather(*running, one(prompts[-1], None))]
 
 
@@ -175,7 +179,7 @@ def test_a_generation_instance_that_dies_fails_its_step_unavailable_and_is_loade
     assert _token(DIE_WORD, GENERATOR) in tokenizer(poison)["input_ids"]
 
     async def run():
-        return await _generate_all(faulty.target, "dying-generator", [*fine, poison], 200, asyncio.Event())
+        return await _generate_all(faulty.target, "dying-generator", [*fine, poison], 200, last_joins_running=True)
 
     results = asyncio.run(run())
     poisoned = results[-1]
